@@ -1,0 +1,122 @@
+"""Shared helpers for meta.json, the index every dataset script produces.
+
+Schema: {"train": {cls: [item, ...]}, "test": {cls: [item, ...]}} where an item is
+{"img_path", "mask_path", "cls_name", "specie_name", "anomaly"}; paths are relative to
+the dataset root with forward slashes, and mask_path is '' for normal images.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from utils.io import atomic_write_json
+
+META_NAME = "meta.json"
+SPLITS = ("train", "test")
+ITEM_KEYS = ("img_path", "mask_path", "cls_name", "specie_name", "anomaly")
+IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".bmp"})
+
+
+class DatasetError(ValueError):
+    """A dataset on disk does not match the layout a script expects; the message is one line."""
+
+
+def is_image(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly inside `folder`, sorted by name (hidden files skipped)."""
+    return sorted((p for p in folder.iterdir() if p.is_file() and is_image(p)), key=lambda p: p.name)
+
+
+def rel_posix(path: Path, root: Path) -> str:
+    # Forward slashes keep meta.json identical across operating systems.
+    return path.relative_to(root).as_posix()
+
+
+def make_item(img_path: str, mask_path: str, cls_name: str, specie_name: str, anomaly: int) -> dict:
+    return {"img_path": img_path, "mask_path": mask_path, "cls_name": cls_name,
+            "specie_name": specie_name, "anomaly": int(anomaly)}
+
+
+def sort_meta(meta: dict) -> dict:
+    """Classes by name, items by image path, so the file is reproducible byte for byte."""
+    return {split: {cls: sorted(meta.get(split, {})[cls], key=lambda it: it["img_path"])
+                    for cls in sorted(meta.get(split, {}))}
+            for split in SPLITS}
+
+
+def _is_rel_posix(value: object) -> bool:
+    # Absolute paths or backslashes would tie meta.json to one machine or OS.
+    return (isinstance(value, str) and "\\" not in value and not value.startswith("/")
+            and not (len(value) > 1 and value[1] == ":"))
+
+
+def _check_item(item: object, split: str, cls: str) -> str | None:
+    if not isinstance(item, dict) or set(item) != set(ITEM_KEYS):
+        return f"{split}/{cls}: item must have exactly the keys {', '.join(ITEM_KEYS)}: {item!r}"
+    where = f"{split}/{cls}: {item['img_path']!r}"
+    if item["cls_name"] != cls:
+        return f"{where}: cls_name {item['cls_name']!r} differs from its class key"
+    if item["anomaly"] not in (0, 1) or isinstance(item["anomaly"], bool):
+        return f"{where}: anomaly must be 0 or 1, got {item['anomaly']!r}"
+    for key in ("img_path", "mask_path"):
+        value = item[key]
+        if not _is_rel_posix(value):
+            return f"{where}: {key} must be a relative path with forward slashes, got {value!r}"
+    if not item["img_path"]:
+        return f"{split}/{cls}: empty img_path"
+    if bool(item["anomaly"]) != bool(item["mask_path"]):
+        return f"{where}: anomalous items need a mask_path and normal items must have ''"
+    if split == "train" and item["anomaly"]:
+        return f"{where}: the train split must hold normal images only"
+    return None
+
+
+def validate_meta(meta: dict, root: str | os.PathLike | None = None) -> None:
+    """Raise DatasetError on the first schema violation; with `root`, also check files exist."""
+    if not isinstance(meta, dict) or set(meta) != set(SPLITS):
+        raise DatasetError(f"meta must have exactly the keys {SPLITS}, got {list(meta)[:5]!r}")
+    for split in SPLITS:
+        for cls, items in meta[split].items():
+            if not isinstance(items, list):
+                raise DatasetError(f"{split}/{cls}: expected a list of items")
+            for item in items:
+                problem = _check_item(item, split, cls)
+                if problem:
+                    raise DatasetError(problem)
+                if root is not None:
+                    for key in ("img_path", "mask_path"):
+                        if item[key] and not (Path(root) / item[key]).is_file():
+                            raise DatasetError(f"{split}/{cls}: file not found: {Path(root) / item[key]}")
+
+
+def counts(meta: dict) -> dict:
+    """{split: {cls: (normal, anomalous)}}."""
+    return {split: {cls: (sum(1 for it in items if not it["anomaly"]), sum(1 for it in items if it["anomaly"]))
+                    for cls, items in sorted(meta.get(split, {}).items())}
+            for split in SPLITS}
+
+
+def summarise(meta: dict) -> str:
+    """A small table: images per split and class, normal vs anomalous."""
+    rows = [("split", "class", "normal", "anomalous", "total")]
+    for split, per_cls in counts(meta).items():
+        for cls, (n, a) in per_cls.items():
+            rows.append((split, cls, str(n), str(a), str(n + a)))
+        n_all = sum(n for n, _ in per_cls.values())
+        a_all = sum(a for _, a in per_cls.values())
+        rows.append((split, f"(all {len(per_cls)})", str(n_all), str(a_all), str(n_all + a_all)))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    return "\n".join("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                     for r in rows)
+
+
+def write_meta(root: str | os.PathLike, meta: dict) -> tuple[Path, str]:
+    """Validate, sort and atomically write <root>/meta.json; returns (path, summary table)."""
+    meta = sort_meta(meta)
+    validate_meta(meta)
+    path = atomic_write_json(Path(root) / META_NAME, meta)
+    return path, summarise(meta)

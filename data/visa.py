@@ -1,0 +1,115 @@
+"""Build meta.json for VisA from its one-class split file, split_csv/1cls.csv.
+
+The CSV has the columns object,split,label,image,mask with label 'normal'/'anomaly',
+split 'train'/'test', and paths relative to the dataset root (mask empty for normal).
+VisA has no defect-type folders, so specie_name is 'good' or 'bad'.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python data/visa.py`: make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data.meta import DatasetError, make_item, sort_meta, write_meta  # noqa: E402
+
+VISA_CATEGORIES = (
+    "candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2",
+    "pcb1", "pcb2", "pcb3", "pcb4", "pipe_fryum",
+)
+SPLIT_CSV = Path("split_csv") / "1cls.csv"
+COLUMNS = ("object", "split", "label", "image", "mask")
+LABELS = {"normal": 0, "anomaly": 1}
+
+
+def _clean_path(value: str) -> str:
+    # Some copies of the CSV carry Windows separators or a leading './'.
+    value = value.strip().replace("\\", "/")
+    while value.startswith("./"):
+        value = value[2:]
+    return value
+
+
+def read_rows(csv_path: Path) -> list[tuple[int, dict]]:
+    """(line number, row dict) for each row of 1cls.csv, with the header checked against COLUMNS."""
+    expected = ", ".join(COLUMNS)
+    if not csv_path.is_file():
+        raise DatasetError(f"VisA split file not found: {csv_path} (expected a CSV with columns {expected})")
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        missing = [c for c in COLUMNS if c not in header]
+        unknown = [c for c in header if c not in COLUMNS]
+        if missing or unknown:
+            raise DatasetError(f"{csv_path}: columns must be {expected}; "
+                               f"missing {missing or 'none'}, unknown {unknown or 'none'}")
+        reader.fieldnames = header
+        return [(reader.line_num, {k: (v or "").strip() for k, v in row.items()}) for row in reader]
+
+
+def _row_item(root: Path, row: dict, line: int, csv_path: Path) -> tuple[str, dict]:
+    where = f"{csv_path} line {line}"
+    if row["split"] not in ("train", "test"):
+        raise DatasetError(f"{where}: split must be 'train' or 'test', got {row['split']!r}")
+    if row["label"] not in LABELS:
+        raise DatasetError(f"{where}: label must be 'normal' or 'anomaly', got {row['label']!r}")
+    anomaly = LABELS[row["label"]]
+    if anomaly and row["split"] == "train":
+        raise DatasetError(f"{where}: anomalous image in the train split ({row['image']})")
+    img = _clean_path(row["image"])
+    mask = _clean_path(row["mask"]) if anomaly else ""
+    if anomaly and not mask:
+        raise DatasetError(f"{where}: anomalous image {img} has no mask path")
+    for path in (img, mask):
+        if path and not (root / path).is_file():
+            raise DatasetError(f"{where}: file not found: {root / path}")
+    return row["split"], make_item(img, mask, row["object"], "bad" if anomaly else "good", anomaly)
+
+
+def build_meta(root: str | Path, categories: list[str] | None = None) -> dict:
+    """meta.json content for VisA; default categories: the 12 official ones present, else all."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"dataset root not found: {root} (expected the VisA root holding {SPLIT_CSV})")
+    csv_path = root / SPLIT_CSV
+    rows = read_rows(csv_path)
+    present = sorted({r["object"] for _, r in rows})
+    if categories:
+        unknown = [c for c in categories if c not in present]
+        if unknown:
+            raise DatasetError(f"category {unknown[0]!r} not in {csv_path}; available: {', '.join(present)}")
+        wanted = set(categories)
+    else:
+        wanted = set(VISA_CATEGORIES) & set(present) or set(present)
+    meta: dict = {"train": {c: [] for c in sorted(wanted)}, "test": {c: [] for c in sorted(wanted)}}
+    for line, row in rows:
+        if row["object"] in wanted:
+            split, item = _row_item(root, row, line, csv_path)
+            meta[split][row["object"]].append(item)
+    return sort_meta(meta)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=f"Write <root>/meta.json for VisA from <root>/{SPLIT_CSV.as_posix()} "
+                    f"(columns {', '.join(COLUMNS)}).",
+        epilog="Without --categories, the 12 VisA categories found in the CSV are used; "
+               "if none is present, every object named in the CSV is used.")
+    parser.add_argument("--root", required=True, type=Path, help="VisA root folder")
+    parser.add_argument("--categories", nargs="+", metavar="CLS", help="categories to index")
+    args = parser.parse_args(argv)
+    try:
+        path, summary = write_meta(args.root, build_meta(args.root, args.categories))
+    except DatasetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(summary)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
