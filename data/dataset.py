@@ -1,0 +1,222 @@
+"""Reading a dataset through its meta.json, k-shot reference sampling and training augmentations.
+
+Images are squashed to size x size (no centre crop), masks the same way, so a map always lines
+up with its mask, also for VisA's non-square photos. Pixel values are in [0, 1]; each backbone
+applies its own mean/std.
+"""
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+SPLITS = ("train", "test")
+
+
+def load_meta(root: str | Path) -> dict:
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset root not found: {root} (set the dataset path argument or "
+                                f"environment variable to a folder that holds meta.json)")
+    path = root / "meta.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; write it first with "
+                                f"`python data/mvtec.py --root {root}` (or data/visa.py for VisA)")
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    missing = [s for s in SPLITS if s not in meta]
+    if missing:
+        raise ValueError(f"{path}: missing split(s) {missing}; expected keys 'train' and 'test'")
+    return meta
+
+
+def categories(meta: dict, wanted: Sequence[str] | None = None, split: str = "test") -> list[str]:
+    known = sorted(meta[split])
+    if not wanted:
+        return known
+    unknown = [c for c in wanted if c not in known]
+    if unknown:
+        raise ValueError(f"unknown categor{'y' if len(unknown) == 1 else 'ies'} {unknown}; "
+                         f"the dataset's {split} split has {known}")
+    return list(wanted)
+
+
+def _category_seed(seed: int, cls_name: str) -> int:
+    # Stable across processes and Python versions (unlike hash()).
+    return (int(seed) * 1_000_003 + zlib.crc32(cls_name.encode())) % 2**32
+
+
+def select_k_shot(meta: dict, cls_name: str, k: int, seed: int) -> list[dict]:
+    """k normal references of a category, drawn without replacement from its train split.
+
+    The draw depends only on (seed, category, the sorted train list), so every run with the same
+    seed uses the same references and different k nest nothing implicitly.
+    """
+    if k < 1:
+        raise ValueError(f"k-shot must be >= 1, got {k}")
+    items = sorted((it for it in meta["train"].get(cls_name, []) if not it.get("anomaly", 0)),
+                   key=lambda it: it["img_path"])
+    if k > len(items):
+        raise ValueError(f"k-shot {k} is larger than the {len(items)} normal train images of category "
+                         f"'{cls_name}'; use k <= {len(items)}")
+    rng = np.random.default_rng(_category_seed(seed, cls_name))
+    return [items[i] for i in sorted(rng.choice(len(items), size=k, replace=False))]
+
+
+def load_image(path: str | Path, size: int) -> torch.Tensor:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path} (listed in meta.json; regenerate meta.json if "
+                                f"the dataset moved)")
+    with Image.open(path) as im:
+        im = im.convert("RGB").resize((size, size), Image.BICUBIC)
+        arr = np.asarray(im, dtype=np.float32) / 255.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def load_mask(path: str | Path | None, size: int | None, fallback_hw: tuple[int, int] = (1, 1)) -> torch.Tensor:
+    """(H, W) float mask in {0, 1}; `size` None keeps the file's resolution."""
+    if not path:
+        hw = (size, size) if size else fallback_hw
+        return torch.zeros(hw)
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"mask not found: {path} (listed in meta.json for an anomalous image)")
+    with Image.open(path) as im:
+        im = im.convert("L")
+        if size:
+            im = im.resize((size, size), Image.NEAREST)
+        arr = np.asarray(im) > 127
+    return torch.from_numpy(arr.astype(np.float32))
+
+
+class AnomalyDataset(torch.utils.data.Dataset):
+    """Items of one split (all or some categories) as dicts of tensors and strings."""
+
+    def __init__(self, root: str | Path, split: str, size: int, classes: Sequence[str] | None = None,
+                 items: Sequence[dict] | None = None, augment: Callable | None = None,
+                 mask_size: int | None | str = "same", seed: int = 0):
+        self.root = Path(root)
+        self.size = size
+        self.mask_size = size if mask_size == "same" else mask_size
+        if items is None:
+            meta = load_meta(root)
+            items = [it for c in categories(meta, classes, split) for it in meta[split][c]]
+        self.items = list(items)
+        self.augment = augment
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Augmentations draw from (seed, epoch, index): the same with any number of workers and
+        after a resume."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def load(self, item: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        img = load_image(self.root / item["img_path"], self.size)
+        mask_path = self.root / item["mask_path"] if item.get("mask_path") else None
+        if item.get("anomaly", 0) and mask_path is None:
+            raise ValueError(f"{item['img_path']}: anomalous item without a mask_path in meta.json")
+        return img, load_mask(mask_path, self.mask_size, fallback_hw=self._original_hw(item))
+
+    def _original_hw(self, item: dict) -> tuple[int, int]:
+        if self.mask_size:
+            return (self.mask_size, self.mask_size)
+        with Image.open(self.root / item["img_path"]) as im:
+            return im.size[1], im.size[0]
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.items[i]
+        img, mask = self.load(item)
+        if self.augment is not None:
+            img, mask = self.augment(self, i, img, mask, np.random.default_rng((self.seed, self.epoch, i)))
+        return {"image": img, "mask": mask, "label": int(mask.max() > 0.5 or item.get("anomaly", 0)),
+                "cls_name": item["cls_name"], "img_path": item["img_path"]}
+
+
+class Mosaic:
+    """MVTec training augmentation: with probability p, a 2x2 mosaic of four random images of the
+    same category (this sample included), masks assembled the same way."""
+
+    def __init__(self, p: float = 0.3):
+        self.p = p
+        self._by_class: dict[int, dict[str, list[int]]] = {}
+
+    def __call__(self, ds: AnomalyDataset, i: int, img, mask, rng: np.random.Generator):
+        if rng.random() >= self.p:
+            return img, mask
+        by_class = self._by_class.setdefault(id(ds), _index_by_class(ds.items))
+        pool = by_class[ds.items[i]["cls_name"]]
+        picks = [i] + list(rng.choice(pool, size=3, replace=True))
+        tiles = [ds.load(ds.items[j]) if j != i else (img, mask) for j in picks]
+        half_img = [torch.nn.functional.interpolate(t[0][None], size=(ds.size // 2,) * 2, mode="bilinear",
+                                                    align_corners=False, antialias=True)[0] for t in tiles]
+        half_mask = [torch.nn.functional.interpolate(t[1][None, None], size=(ds.size // 2,) * 2,
+                                                     mode="nearest")[0, 0] for t in tiles]
+        img = torch.cat([torch.cat(half_img[:2], 2), torch.cat(half_img[2:], 2)], 1)
+        mask = torch.cat([torch.cat(half_mask[:2], 1), torch.cat(half_mask[2:], 1)], 0)
+        return _fit(img, ds.size), _fit(mask[None], ds.size, "nearest")[0]
+
+
+class DefectCrop:
+    """VisA training augmentation: with probability p, zoom into a random crop resized back to
+    full size. Anomalous images: the crop contains defect pixels; with probability `plus` it is
+    the small crop (50/518 of the side), else the large one (100/518). Normal images: the large
+    crop with probability 1/2. The crop centre is drawn from the defect pixels, so no retry loop."""
+
+    def __init__(self, p: float = 0.6, plus: float = 0.6, small: float = 50 / 518, large: float = 100 / 518):
+        self.p, self.plus, self.small, self.large = p, plus, small, large
+
+    def __call__(self, ds: AnomalyDataset, i: int, img, mask, rng: np.random.Generator):
+        if rng.random() >= self.p:
+            return img, mask
+        H, W = mask.shape
+        defect = mask > 0.5
+        if not defect.any():
+            if rng.random() < 0.5:
+                return img, mask
+            side = max(2, round(self.large * H))
+            y0, x0 = (int(rng.integers(0, n - side + 1)) for n in (H, W))
+        else:
+            side = max(2, round((self.small if rng.random() < self.plus else self.large) * H))
+            ys, xs = torch.nonzero(defect, as_tuple=True)
+            j = int(rng.integers(len(ys)))
+            # any crop position that keeps the chosen defect pixel inside
+            y0 = int(rng.integers(max(0, ys[j] - side + 1), min(int(ys[j]), H - side) + 1))
+            x0 = int(rng.integers(max(0, xs[j] - side + 1), min(int(xs[j]), W - side) + 1))
+        img = img[:, y0:y0 + side, x0:x0 + side]
+        mask = mask[y0:y0 + side, x0:x0 + side]
+        return _fit(img, ds.size), _fit(mask[None], ds.size, "nearest")[0]
+
+
+def _fit(t: torch.Tensor, size: int, mode: str = "bilinear") -> torch.Tensor:
+    if t.shape[-2:] == (size, size):
+        return t
+    kw = {"align_corners": False} if mode == "bilinear" else {}
+    return torch.nn.functional.interpolate(t[None], size=(size, size), mode=mode, **kw)[0]
+
+
+def _index_by_class(items: Sequence[dict]) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for j, it in enumerate(items):
+        out.setdefault(it["cls_name"], []).append(j)
+    return out
+
+
+AUGMENTATIONS = {"none": None, "mosaic": Mosaic, "crop": DefectCrop}
+
+
+def make_augmentation(name: str, mosaic_p: float = 0.3, crop_p: float = 0.6, crop_plus: float = 0.6):
+    if name not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation '{name}', expected one of {sorted(AUGMENTATIONS)}")
+    if name == "mosaic":
+        return Mosaic(mosaic_p)
+    if name == "crop":
+        return DefectCrop(crop_p, crop_plus)
+    return None

@@ -1,0 +1,104 @@
+"""Reference memory banks and nearest-neighbour alignment ("mulmax").
+
+A bank holds, per layer, the patch tokens of a category's k normal reference images plus one
+global embedding per reference. Alignment maps every query patch to the bank patch with the
+highest dot product (cosine, tokens are unit length) in the same layer: one matmul, one
+argmax and one gather per layer, chunked over the batch to bound memory.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+
+@dataclass
+class ReferenceBank:
+    tokens: list[torch.Tensor]  # per layer (k, N, C_l)
+    global_embedding: torch.Tensor  # (k, D)
+    grid: tuple[int, int]
+    sources: list[str] = field(default_factory=list)  # where each reference came from
+
+    @property
+    def k(self) -> int:
+        return int(self.global_embedding.shape[0])
+
+    def flat(self, layer: int) -> torch.Tensor:
+        """All reference patches of one layer as (k * N, C)."""
+        t = self.tokens[layer]
+        return t.reshape(-1, t.shape[-1])
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tokens) + \
+            self.global_embedding.numel() * self.global_embedding.element_size()
+
+    def to(self, device) -> "ReferenceBank":
+        return ReferenceBank([t.to(device) for t in self.tokens], self.global_embedding.to(device),
+                             self.grid, list(self.sources))
+
+    @staticmethod
+    def concat(banks: Sequence["ReferenceBank"]) -> "ReferenceBank":
+        """Join banks built in chunks (same grid, same layers)."""
+        grids = {b.grid for b in banks}
+        if len(grids) != 1:
+            raise ValueError(f"cannot join banks with different grids {sorted(grids)}")
+        return ReferenceBank(
+            [torch.cat([b.tokens[l] for b in banks]) for l in range(len(banks[0].tokens))],
+            torch.cat([b.global_embedding for b in banks]), banks[0].grid,
+            [s for b in banks for s in b.sources])
+
+
+def nearest_neighbours(query: torch.Tensor, memory: torch.Tensor, chunk: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each query row, the memory row with the largest dot product.
+
+    query (B, N, C); memory (M, C) shared by the batch, or (B, M, C) one per sample.
+    Returns (aligned (B, N, C), index (B, N)). `chunk` samples are matched at a time so the
+    (chunk, N, M) similarity matrix bounds peak memory.
+    """
+    if query.ndim != 3:
+        raise ValueError(f"query must be (B, N, C), got {tuple(query.shape)}")
+    shared = memory.ndim == 2
+    if memory.shape[-1] != query.shape[-1]:
+        raise ValueError(f"feature widths differ: query {query.shape[-1]} vs memory {memory.shape[-1]}")
+    aligned, index = [], []
+    for s in range(0, query.shape[0], chunk):
+        q = query[s:s + chunk]
+        mem = memory if shared else memory[s:s + chunk]
+        idx = torch.matmul(q, mem.transpose(-1, -2)).argmax(dim=-1)  # (b, N)
+        if shared:
+            aligned.append(mem[idx])
+        else:
+            aligned.append(torch.gather(mem, 1, idx.unsqueeze(-1).expand(-1, -1, mem.shape[-1])))
+        index.append(idx)
+    return torch.cat(aligned), torch.cat(index)
+
+
+def most_similar_reference(query_global: torch.Tensor, bank_global: torch.Tensor) -> torch.Tensor:
+    """Image-feature index: for each query (B, D), the reference (k, D) with the highest cosine."""
+    return torch.matmul(query_global, bank_global.T).argmax(dim=-1)
+
+
+def align_to_banks(query_tokens: list[torch.Tensor], banks: Sequence[ReferenceBank],
+                   query_global: torch.Tensor | None = None, use_image_index: bool = False,
+                   chunk: int = 8) -> list[torch.Tensor]:
+    """Aligned reference token for every query patch, per layer.
+
+    `banks[b]` is the bank of sample b's category. With `use_image_index`, sample b is matched
+    only against the tokens of its most similar reference (by global embedding): bank size and
+    matching cost drop from k * N to N.
+    """
+    B = query_tokens[0].shape[0]
+    if len(banks) != B:
+        raise ValueError(f"need one bank per sample: {len(banks)} banks for a batch of {B}")
+    if use_image_index:
+        if query_global is None:
+            raise ValueError("the image-feature index needs the queries' global embeddings")
+        ref = torch.stack([most_similar_reference(query_global[b:b + 1], banks[b].global_embedding)[0]
+                           for b in range(B)])
+        return [nearest_neighbours(q, torch.stack([banks[b].tokens[l][ref[b]] for b in range(B)]), chunk)[0]
+                for l, q in enumerate(query_tokens)]
+    if all(bank is banks[0] for bank in banks):  # one category in the batch: no per-sample copies
+        return [nearest_neighbours(q, banks[0].flat(l), chunk)[0] for l, q in enumerate(query_tokens)]
+    return [nearest_neighbours(q, torch.stack([bank.flat(l) for bank in banks]), chunk)[0]
+            for l, q in enumerate(query_tokens)]

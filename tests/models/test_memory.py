@@ -1,0 +1,98 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.memory import ReferenceBank, align_to_banks, most_similar_reference, nearest_neighbours
+
+
+def unit(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(*shape, generator=g), dim=-1)
+
+
+def brute_force(query, memory):
+    """Definition: for every query patch, scan every memory patch for the largest dot product."""
+    B, N, _ = query.shape
+    out = torch.empty_like(query)
+    for b in range(B):
+        mem = memory if memory.ndim == 2 else memory[b]
+        for n in range(N):
+            best, best_j = -float("inf"), -1
+            for j in range(mem.shape[0]):
+                s = float(query[b, n] @ mem[j])
+                if s > best:
+                    best, best_j = s, j
+            out[b, n] = mem[best_j]
+    return out
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 8])
+def test_nearest_neighbours_equals_brute_force_shared_bank(chunk):
+    q, mem = unit(3, 7, 5, seed=1), unit(11, 5, seed=2)
+    aligned, idx = nearest_neighbours(q, mem, chunk=chunk)
+    assert aligned.shape == q.shape and idx.shape == (3, 7)
+    torch.testing.assert_close(aligned, brute_force(q, mem))
+
+
+def test_nearest_neighbours_equals_brute_force_per_sample_bank():
+    q, mem = unit(4, 6, 8, seed=3), unit(4, 9, 8, seed=4)
+    aligned, idx = nearest_neighbours(q, mem, chunk=3)
+    torch.testing.assert_close(aligned, brute_force(q, mem))
+    assert idx.max() < 9
+
+
+def test_nearest_neighbour_of_a_bank_member_is_itself():
+    mem = unit(10, 4, seed=5)
+    aligned, idx = nearest_neighbours(mem[None, [3, 7]], mem)
+    assert idx.tolist() == [[3, 7]]
+    torch.testing.assert_close(aligned[0], mem[[3, 7]])
+
+
+def test_width_mismatch_is_rejected():
+    with pytest.raises(ValueError, match="widths differ"):
+        nearest_neighbours(unit(1, 2, 4), unit(3, 5))
+
+
+def make_bank(k, n=6, c=5, seed=0):
+    return ReferenceBank([unit(k, n, c, seed=seed), unit(k, n, c + 1, seed=seed + 1)], unit(k, 3, seed=seed + 2), (2, 3))
+
+
+def test_align_to_banks_mixed_categories_match_per_sample_brute_force():
+    a, b = make_bank(2, seed=10), make_bank(2, seed=20)
+    q = [unit(3, 6, 5, seed=30), unit(3, 6, 6, seed=31)]
+    banks = [a, b, a]
+    aligned = align_to_banks(q, banks)
+    for layer in range(2):
+        for s in range(3):
+            expected = brute_force(q[layer][s:s + 1], banks[s].flat(layer))
+            torch.testing.assert_close(aligned[layer][s:s + 1], expected)
+
+
+def test_image_index_picks_the_most_similar_reference_and_matches_only_it():
+    bank = make_bank(3, seed=40)
+    # query global embedding equal to reference 2's: the index must choose reference 2
+    qg = bank.global_embedding[[2, 0]]
+    assert most_similar_reference(qg, bank.global_embedding).tolist() == [2, 0]
+    q = [unit(2, 6, 5, seed=41), unit(2, 6, 6, seed=42)]
+    aligned = align_to_banks(q, [bank, bank], qg, use_image_index=True)
+    for layer in range(2):
+        torch.testing.assert_close(aligned[layer][0:1], brute_force(q[layer][0:1], bank.tokens[layer][2]))
+        torch.testing.assert_close(aligned[layer][1:2], brute_force(q[layer][1:2], bank.tokens[layer][0]))
+
+
+def test_image_index_with_one_reference_equals_full_bank():
+    bank = make_bank(1, seed=50)
+    q = [unit(2, 6, 5, seed=51), unit(2, 6, 6, seed=52)]
+    full = align_to_banks(q, [bank, bank])
+    indexed = align_to_banks(q, [bank, bank], unit(2, 3, seed=53), use_image_index=True)
+    for f, i in zip(full, indexed):
+        torch.testing.assert_close(f, i)
+
+
+def test_bank_concat_and_bytes():
+    a, b = make_bank(1, seed=60), make_bank(2, seed=70)
+    a.sources, b.sources = ["x"], ["y", "z"]
+    joined = ReferenceBank.concat([a, b])
+    assert joined.k == 3 and joined.sources == ["x", "y", "z"]
+    assert joined.flat(0).shape == (18, 5)
+    assert joined.nbytes() == (3 * 6 * 5 + 3 * 6 * 6 + 3 * 3) * 4

@@ -1,0 +1,149 @@
+"""Train FDSL's heads on an auxiliary dataset's test split (images with masks).
+
+    python train.py --data-root DIR --dataset mvtec --out-dir results/fdsl/checkpoints/train_mvtec/seed0
+
+Checkpoints `epoch_N.pth` are written after every epoch; a rerun resumes from the last one and
+does nothing when the last epoch exists.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from data.dataset import AnomalyDataset, categories, load_image, load_meta, make_augmentation, select_k_shot
+from models.detector import FDSLDetector, checkpoint_payload, check_backbone, read_checkpoint, upsample_probs
+from models.backbones import BackboneError
+from models.memory import align_to_banks
+from utils.config import ModelConfig, TrainConfig, resolve_device, to_dict
+from utils.io import atomic_torch_save, atomic_write_json
+from utils.losses import segmentation_loss
+
+log = logging.getLogger("fdsl.train")
+
+
+def checkpoint_path(out_dir: str | Path, epoch: int) -> Path:
+    return Path(out_dir) / f"epoch_{epoch}.pth"
+
+
+def last_checkpoint(out_dir: str | Path) -> tuple[int, Path | None]:
+    found = [(int(m.group(1)), p) for p in Path(out_dir).glob("epoch_*.pth")
+             if (m := re.fullmatch(r"epoch_(\d+)\.pth", p.name))]
+    return max(found) if found else (0, None)
+
+
+def build_banks(detector: FDSLDetector, root: Path, meta: dict, classes: list[str], k: int, seed: int) -> dict:
+    """One reference bank per category from k normal train images (fewer if the split is smaller)."""
+    banks = {}
+    for cls in tqdm(classes, desc="reference banks", leave=False):
+        n_train = sum(1 for it in meta["train"].get(cls, []) if not it.get("anomaly", 0))
+        refs = select_k_shot(meta, cls, min(k, n_train), seed)
+        images = torch.stack([load_image(root / it["img_path"], detector.image_size) for it in refs])
+        banks[cls] = detector.build_bank(images, [it["img_path"] for it in refs])
+    return banks
+
+
+def train(cfg: TrainConfig) -> Path:
+    device = resolve_device(cfg.device)
+    out_dir = Path(cfg.out_dir)
+    done, _ = last_checkpoint(out_dir)
+    if done >= cfg.epochs:
+        log.info("already trained: %s", checkpoint_path(out_dir, done))
+        return checkpoint_path(out_dir, done)
+    root = Path(cfg.data_root)
+    meta = load_meta(root)
+    classes = categories(meta, cfg.classes, "test")
+
+    torch.manual_seed(cfg.seed)  # head initialisation
+    detector = FDSLDetector.build(cfg.model, device)
+    optimizer = torch.optim.Adam(detector.heads.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
+    if done:
+        ckpt = read_checkpoint(checkpoint_path(out_dir, done))
+        check_backbone(ckpt["backbone"], detector.backbone, checkpoint_path(out_dir, done))
+        detector.heads.load_state_dict(ckpt["heads"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        log.info("resuming after epoch %d", done)
+
+    banks = build_banks(detector, root, meta, classes, cfg.train_k_shot, cfg.seed)
+    size = detector.image_size
+    dataset = AnomalyDataset(root, "test", size, classes, seed=cfg.seed,
+                             augment=make_augmentation(cfg.augment, cfg.mosaic_p, cfg.crop_p, cfg.crop_plus))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / "train_config.json", to_dict(cfg))
+    detector.heads.train()
+    for epoch in range(done, cfg.epochs):
+        dataset.set_epoch(epoch)
+        loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.workers,
+                            generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+        losses, t0 = [], time.time()
+        bar = tqdm(loader, desc=f"train {cfg.dataset} epoch {epoch + 1}/{cfg.epochs}", leave=False)
+        for step, batch in enumerate(bar):
+            if cfg.max_steps is not None and step >= cfg.max_steps:
+                break
+            images, masks = batch["image"].to(device), batch["mask"].to(device)
+            feats = detector.backbone(images)
+            aligned = align_to_banks(feats.patch_tokens, [banks[c] for c in batch["cls_name"]])
+            out = detector.heads(feats.patch_tokens, aligned, feats.grid)
+            loss = segmentation_loss([upsample_probs(m, size) for m in out.supervised_maps()], masks)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        mean_loss = sum(losses) / max(len(losses), 1)
+        path = atomic_torch_save(checkpoint_path(out_dir, epoch + 1),
+                                 checkpoint_payload(detector, cfg.model, epoch + 1, optimizer, to_dict(cfg)))
+        with open(out_dir / "train_log.txt", "a", encoding="utf-8") as f:
+            f.write(f"epoch {epoch + 1} loss {mean_loss:.6f} steps {len(losses)} seconds {time.time() - t0:.1f}\n")
+        log.info("epoch %d/%d loss %.4f -> %s", epoch + 1, cfg.epochs, mean_loss, path)
+    return checkpoint_path(out_dir, cfg.epochs)
+
+
+def parse_args(argv=None) -> TrainConfig:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = TrainConfig()
+    p.add_argument("--data-root", required=True, help="dataset folder holding meta.json")
+    p.add_argument("--dataset", default=d.dataset, help="name used in logs and folders")
+    p.add_argument("--out-dir", required=True, help="checkpoint folder")
+    p.add_argument("--classes", nargs="*", default=None, help="categories to train on (default: all)")
+    p.add_argument("--backbone", default=ModelConfig.backbone, help="config name in models/configs or JSON path")
+    p.add_argument("--pretrained", default=None, help="weights tag or local file ('none' = random)")
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--use-nam", type=int, choices=(0, 1), default=1)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--train-k-shot", type=int, default=d.train_k_shot)
+    p.add_argument("--augment", default=d.augment, choices=("mosaic", "crop", "none"))
+    p.add_argument("--workers", type=int, default=d.workers)
+    p.add_argument("--device", default=d.device, help="cpu or a CUDA index")
+    p.add_argument("--max-steps", type=int, default=None, help="batches per epoch (smoke tests)")
+    a = p.parse_args(argv)
+    model = ModelConfig(backbone=a.backbone, pretrained=a.pretrained, image_size=a.image_size, use_nam=bool(a.use_nam))
+    return TrainConfig(data_root=a.data_root, dataset=a.dataset, out_dir=a.out_dir, model=model, classes=a.classes,
+                       seed=a.seed, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, train_k_shot=a.train_k_shot,
+                       augment=a.augment, workers=a.workers, device=a.device, max_steps=a.max_steps)
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("fdsl").setLevel(logging.INFO)
+    try:
+        path = train(parse_args(argv))
+    except (FileNotFoundError, ValueError, BackboneError) as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
