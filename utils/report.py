@@ -1,0 +1,327 @@
+"""Run folders, per-run tables and the paper-style summary over seeds.
+
+Layout: ``results/<model>/<dataset>/<k>shot/seed<s>/`` with
+  config.json   the full configuration of the run
+  metrics.json  {"per_category": {cls: metrics}, "mean": {...}, "excluded": {...}, ...}
+  table.md      per-category table in percent, 'n/a' for undefined metrics
+
+metrics.json is written last, so its presence means the run finished
+(``is_run_complete``) and launchers can skip that seed.
+
+Summary:  python -m utils.report aggregate RESULTS_DIR [--model NAME] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Iterable, NamedTuple
+
+import numpy as np
+from tabulate import tabulate
+
+from utils.io import atomic_write_json, atomic_write_text, read_json
+
+# (key in metrics.json, column header); thresholds are stored but not tabulated.
+TABLE_METRICS = (
+    ("i_auroc", "i-AUROC"),
+    ("i_ap", "i-AP"),
+    ("i_f1max", "i-F1max"),
+    ("p_auroc", "p-AUROC"),
+    ("p_ap", "p-AP"),
+    ("p_f1max", "p-F1max"),
+    ("p_aupro", "p-AUPRO"),
+)
+NA = "n/a"
+_RESERVED = ("per_category", "mean", "excluded")
+_SHOT_RE = re.compile(r"^(\d+)shot$")
+_SEED_RE = re.compile(r"^seed(\d+)$")
+
+
+# --------------------------------------------------------------------------- #
+# one run
+# --------------------------------------------------------------------------- #
+def _check_name(what: str, name) -> str:
+    name = str(name)
+    if not name or name.startswith(".") or "/" in name or "\\" in name:
+        raise ValueError(f"{what} {name!r} cannot be used as a folder name")
+    return name
+
+
+def run_dir(results_root, model_name: str, dataset: str, k_shot: int, seed: int) -> Path:
+    """``results_root/<model>/<dataset>/<k>shot/seed<s>``."""
+    return (Path(results_root) / _check_name("model_name", model_name)
+            / _check_name("dataset", dataset) / f"{int(k_shot)}shot" / f"seed{int(seed)}")
+
+
+def _num(v) -> float:
+    # JSON stores undefined metrics as null; missing keys are undefined too.
+    if v is None:
+        return math.nan
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _pct(v) -> str:
+    v = _num(v)
+    return NA if math.isnan(v) else f"{100.0 * v:.1f}"
+
+
+def category_mean(per_category: dict) -> tuple[dict, dict]:
+    """Mean of each table metric over the categories where it is defined,
+    and for each metric the categories left out because it is NaN/null."""
+    mean, excluded = {}, {}
+    for key, _ in TABLE_METRICS:
+        vals = {c: _num(m.get(key)) for c, m in per_category.items()}
+        ok = [v for v in vals.values() if not math.isnan(v)]
+        mean[key] = float(np.mean(ok)) if ok else math.nan
+        excluded[key] = [c for c, v in vals.items() if math.isnan(v)]
+    return mean, excluded
+
+
+def _github(rows, headers) -> str:
+    # disable_numparse keeps '97.0' as written (tabulate would print 97).
+    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True,
+                    colalign=("left",) * (len(headers) - len(TABLE_METRICS))
+                    + ("right",) * len(TABLE_METRICS))
+
+
+def _excluded_note(excluded: dict, n_categories: int) -> str:
+    parts = [f"{head}: {', '.join(excluded[key])}"
+             for key, head in TABLE_METRICS if excluded.get(key)]
+    if not parts:
+        return f"Note: every mean is over all {n_categories} categories."
+    return ("Note: n/a = undefined (single-class test set or no defect region); "
+            "excluded from the mean: " + "; ".join(parts) + ".")
+
+
+def format_run_table(per_category: dict, mean: dict, excluded: dict) -> str:
+    rows = [[c] + [_pct(m.get(k)) for k, _ in TABLE_METRICS] for c, m in per_category.items()]
+    rows.append(["mean"] + [_pct(mean.get(k)) for k, _ in TABLE_METRICS])
+    table = _github(rows, ["category"] + [h for _, h in TABLE_METRICS])
+    return table + "\n\n" + _excluded_note(excluded, len(per_category)) + "\n"
+
+
+def write_run(run_dir, config: dict, per_category: dict, extra: dict | None = None) -> str:
+    """Write config.json, table.md and finally metrics.json (all atomic).
+
+    metrics.json = {"per_category", "mean" (over categories, NaN excluded),
+    "excluded" (categories left out of each mean), **extra}.  Returns the
+    print-ready table (the content of table.md).
+    """
+    extra = dict(extra or {})
+    clash = [k for k in extra if k in _RESERVED]
+    if clash:
+        raise ValueError(f"extra keys {clash} would overwrite {_RESERVED}")
+    per_category = {str(c): dict(m) for c, m in per_category.items()}
+    mean, excluded = category_mean(per_category)
+    table = format_run_table(per_category, mean, excluded)
+    d = Path(run_dir)
+    atomic_write_json(d / "config.json", config)
+    atomic_write_text(d / "table.md", table)
+    # Last: its presence is what marks the run as complete.
+    atomic_write_json(d / "metrics.json",
+                      {"per_category": per_category, "mean": mean, "excluded": excluded, **extra})
+    return table
+
+
+def is_run_complete(run_dir) -> bool:
+    """True when run_dir/metrics.json exists and is a valid results file."""
+    try:
+        data = read_json(Path(run_dir) / "metrics.json", "metrics file")
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("per_category"), dict)
+
+
+# --------------------------------------------------------------------------- #
+# aggregation over seeds
+# --------------------------------------------------------------------------- #
+class Run(NamedTuple):
+    model: str
+    dataset: str
+    shots: int
+    seed: int
+    per_category: dict
+    mean: dict
+
+
+def scan_runs(results_dir, model: str | None = None) -> list[Run]:
+    """All finished runs under results_dir (unreadable metrics.json are skipped)."""
+    runs = []
+    for f in sorted(Path(results_dir).glob("*/*/*/*/metrics.json")):
+        seed_dir, shot_dir = f.parent, f.parent.parent
+        shot, seed = _SHOT_RE.match(shot_dir.name), _SEED_RE.match(seed_dir.name)
+        m_name, ds = shot_dir.parent.parent.name, shot_dir.parent.name
+        if not (shot and seed) or (model is not None and m_name != model):
+            continue
+        if not is_run_complete(seed_dir):
+            print(f"warning: skipping unreadable {f}", file=sys.stderr)
+            continue
+        data = read_json(f)
+        per_cat = data["per_category"]
+        mean = data.get("mean")
+        if not isinstance(mean, dict):
+            mean = category_mean(per_cat)[0]
+        runs.append(Run(m_name, ds, int(shot.group(1)), int(seed.group(1)), per_cat, mean))
+    return runs
+
+
+def mean_std(values: Iterable) -> tuple[float, float, int]:
+    """(mean, sample std ddof=1 or NaN for one value, count) of the defined values, in %."""
+    v = np.array([100.0 * x for x in map(_num, values) if not math.isnan(x)])
+    if v.size == 0:
+        return math.nan, math.nan, 0
+    return float(v.mean()), float(v.std(ddof=1)) if v.size >= 2 else math.nan, int(v.size)
+
+
+def mean_std_str(values) -> str:
+    """'mean±std' in % with 1 decimal; one value: 'mean'; none: 'n/a'.
+    '(k/n)' is appended when only k of the n seeds define the metric."""
+    values = list(values)
+    m, s, k = mean_std(values)
+    if k == 0:
+        return NA
+    text = f"{m:.1f}" if k == 1 else f"{m:.1f}±{s:.1f}"
+    return text if k == len(values) else f"{text} ({k}/{len(values)})"
+
+
+def _csv_num(x: float) -> str:
+    return NA if math.isnan(x) else f"{x:.4f}"
+
+
+def _csv(header, rows) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+_SUMMARY_NOTE = ("Values in %: mean±std over seeds (sample std, ddof=1); a single seed shows "
+                 "the value alone; '(k/n)': defined in only k of n seeds; n/a: undefined.")
+
+
+def _metric_cells(series: list[dict]):
+    """Markdown cells and CSV cells for one row; series = metric dicts, one per seed."""
+    md, num = [], []
+    for key, _ in TABLE_METRICS:
+        vals = [d.get(key) for d in series]
+        m, s, _ = mean_std(vals)
+        md.append(mean_std_str(vals))
+        num += [_csv_num(m), _csv_num(s)]
+    return md, num
+
+
+def _csv_metric_header():
+    return [f"{k}_{stat}" for k, _ in TABLE_METRICS for stat in ("mean", "std")]
+
+
+def _exclusion_text(runs: list[Run]) -> str:
+    """Categories left out of some seed's category mean, per metric ('' if none)."""
+    parts = []
+    for key, head in TABLE_METRICS:
+        cats = sorted({c for r in runs for c, m in r.per_category.items()
+                       if math.isnan(_num(m.get(key)))})
+        if cats:
+            parts.append(f"{head}: {', '.join(cats)}")
+    return "; ".join(parts)
+
+
+def paper_table(runs: list[Run], model: str) -> tuple[str, str]:
+    """(markdown, csv): rows (shots, dataset), cells mean±std over seeds of the
+    category-mean of each run."""
+    groups: dict[tuple[int, str], list[Run]] = {}
+    for r in runs:
+        if r.model == model:
+            groups.setdefault((r.shots, r.dataset), []).append(r)
+    md_rows, csv_rows, notes = [], [], []
+    for (shots, ds), rs in sorted(groups.items()):
+        md, num = _metric_cells([r.mean for r in rs])
+        md_rows.append([str(shots), ds, str(len(rs))] + md)
+        csv_rows.append([model, shots, ds, len(rs)] + num)
+        ex = _exclusion_text(rs)
+        if ex:
+            notes.append(f"- {shots}-shot {ds}: n/a categories left out of the mean: {ex}")
+    md = _github(md_rows, ["shots", "dataset", "seeds"] + [h for _, h in TABLE_METRICS])
+    md = f"# {model}\n\n{md}\n\n{_SUMMARY_NOTE}\n" + "".join(n + "\n" for n in notes)
+    return md, _csv(["model", "shots", "dataset", "seeds"] + _csv_metric_header(), csv_rows)
+
+
+def category_table(runs: list[Run], model: str, dataset: str, shots: int) -> tuple[str, str]:
+    """(markdown, csv): per category mean±std over seeds, plus the 'mean' row."""
+    rs = sorted((r for r in runs if (r.model, r.dataset, r.shots) == (model, dataset, shots)),
+                key=lambda r: r.seed)
+    cats: list[str] = []
+    for r in rs:
+        cats += [c for c in r.per_category if c not in cats]
+    md_rows, csv_rows = [], []
+    for c in cats + ["mean"]:
+        series = [r.mean for r in rs] if c == "mean" else \
+                 [r.per_category[c] for r in rs if c in r.per_category]
+        md, num = _metric_cells(series)
+        md_rows.append([c, str(len(series))] + md)
+        csv_rows.append([c, len(series)] + num)
+    md = _github(md_rows, ["category", "seeds"] + [h for _, h in TABLE_METRICS])
+    seeds = ", ".join(str(r.seed) for r in rs)
+    md = f"# {model} / {dataset} / {shots}-shot (seeds {seeds})\n\n{md}\n\n{_SUMMARY_NOTE}\n"
+    ex = _exclusion_text(rs)
+    if ex:
+        md += f"The 'mean' row leaves n/a categories out of each seed's mean: {ex}.\n"
+    return md, _csv(["category", "seeds"] + _csv_metric_header(), csv_rows)
+
+
+def aggregate(results_dir, model: str | None = None, out=None, echo: bool = True) -> list[Path]:
+    """Write <out>/<model>/paper.{md,csv} and <out>/<model>/<dataset>_<k>shot.{md,csv}.
+
+    out defaults to results_dir/summary.  Returns the written paths.
+    """
+    results_dir = Path(results_dir)
+    out = Path(out) if out is not None else results_dir / "summary"
+    runs = scan_runs(results_dir, model)
+    written = []
+    for mdl in sorted({r.model for r in runs}):
+        md, text = paper_table(runs, mdl)
+        written += [atomic_write_text(out / mdl / "paper.md", md),
+                    atomic_write_text(out / mdl / "paper.csv", text)]
+        if echo:
+            print(md)
+        for ds, shots in sorted({(r.dataset, r.shots) for r in runs if r.model == mdl}):
+            md, text = category_table(runs, mdl, ds, shots)
+            stem = f"{ds}_{shots}shot"
+            written += [atomic_write_text(out / mdl / f"{stem}.md", md),
+                        atomic_write_text(out / mdl / f"{stem}.csv", text)]
+            if echo:
+                print(md)
+    return written
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m utils.report")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("aggregate", help="mean±std over seeds of every finished run")
+    a.add_argument("results_dir")
+    a.add_argument("--model", default=None, help="only this model folder")
+    a.add_argument("--out", default=None, help="output folder (default RESULTS_DIR/summary)")
+    args = p.parse_args(argv)
+    if not Path(args.results_dir).is_dir():
+        print(f"error: results folder not found: {args.results_dir}", file=sys.stderr)
+        return 2
+    written = aggregate(args.results_dir, args.model, args.out)
+    if not written:
+        print(f"error: no finished run (<model>/<dataset>/<k>shot/seed<s>/metrics.json) "
+              f"under {args.results_dir}" + (f" for model {args.model!r}" if args.model else ""),
+              file=sys.stderr)
+        return 1
+    print(f"wrote {len(written)} files to {Path(written[0]).parent.parent}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
