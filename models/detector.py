@@ -62,6 +62,18 @@ class FDSLDetector(nn.Module):
         return maps_and_scores(out.anomaly_maps(), out_size)
 
 
+    @torch.no_grad()
+    def predict_raw_distance(self, images: torch.Tensor, bank: ReferenceBank,
+                             out_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training-free baseline: 1 - cosine to the nearest reference patch, averaged over layers
+        like the heads' maps. What the trained heads have to beat."""
+        feats = self.backbone(images)
+        aligned = align_to_banks(feats.patch_tokens, [bank] * images.shape[0])
+        dist = torch.stack([(1 - (q * a).sum(-1)).reshape(-1, *feats.grid)
+                            for q, a in zip(feats.patch_tokens, aligned)])
+        return maps_and_scores(dist, out_size)
+
+
 def maps_and_scores(layer_maps: torch.Tensor, out_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(L, B, h, w) per-layer anomaly maps on the patch grid -> (map (B, H, W), score (B,)).
 

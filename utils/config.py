@@ -47,6 +47,8 @@ class TrainConfig:
 
 @dataclass
 class TestConfig:
+    __test__ = False  # a config, not a pytest test class
+
     data_root: str = ""
     dataset: str = "visa"
     checkpoint: str = ""
