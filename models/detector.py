@@ -129,7 +129,7 @@ def read_checkpoint(path: str | Path) -> dict:
 
 def check_backbone(ckpt_sig: dict, backbone: Backbone, path: str | Path = "checkpoint") -> None:
     mine = backbone.signature()
-    keys = ("kind", "model", "layers", "layer_dims", "patch_size")
+    keys = ("kind", "model", "layers", "layer_dims", "patch_size", "smooth")  # all change the features
     if any(ckpt_sig.get(k) != mine.get(k) for k in keys):
         desc = lambda s: f"{s.get('name')} ({s.get('kind')} {s.get('model')}, layers {s.get('layers')}, dims {s.get('layer_dims')})"
         raise ValueError(f"{path} was trained with backbone {desc(ckpt_sig)}, but the requested backbone is "
