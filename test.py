@@ -68,8 +68,10 @@ def evaluate_category(detector: FDSLDetector, cfg: TestConfig, root: Path, meta:
     t0 = time.perf_counter()
     for batch in tqdm(loader, desc=f"test {cls}", leave=False):
         images = batch["image"].to(device)
-        whole_map, whole_score = detector.predict_whole(images, bank, out_size,
-                                                        use_image_index=cfg.image_index == "all")
+        whole_map = whole_score = None
+        if cfg.winmode != "onlywin":  # the whole-image result would be discarded by blend
+            whole_map, whole_score = detector.predict_whole(images, bank, out_size,
+                                                            use_image_index=cfg.image_index == "all")
         if windows is None:
             m, s = whole_map, whole_score
         else:
