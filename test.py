@@ -126,8 +126,20 @@ def evaluate(cfg: TestConfig, force: bool = False) -> Path:
     torch.manual_seed(cfg.seed)
     detector, ckpt = load_detector(cfg.checkpoint, device)
     per_category, info = {}, {}
-    for cls in tqdm(classes, desc=f"{cfg.dataset} {cfg.k_shot}-shot seed {cfg.seed}"):
-        per_category[cls], info[cls] = evaluate_category(detector, cfg, root, meta, cls)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "log.txt", mode="w", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    log.addHandler(handler)
+    try:
+        log.info("checkpoint %s (epoch %s), %d categories", cfg.checkpoint, ckpt["epoch"], len(classes))
+        for cls in tqdm(classes, desc=f"{cfg.dataset} {cfg.k_shot}-shot seed {cfg.seed}"):
+            per_category[cls], info[cls] = evaluate_category(detector, cfg, root, meta, cls)
+            m = per_category[cls]
+            log.info("%s: i-AUROC %.4f p-AUROC %.4f p-AUPRO %.4f, %.3f s/image, references %s", cls, m["i_auroc"],
+                     m["p_auroc"], m["p_aupro"], info[cls]["seconds_per_image"], info[cls]["references"])
+    finally:
+        log.removeHandler(handler)
+        handler.close()
     config = {"test": to_dict(cfg), "model": ckpt["model_config"], "backbone": ckpt["backbone"],
               "checkpoint_epoch": ckpt["epoch"], "train": ckpt.get("train_config", {}),
               "references": {c: info[c]["references"] for c in classes}}

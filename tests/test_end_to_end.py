@@ -77,6 +77,8 @@ def test_evaluation_writes_results_and_is_reproducible(datasets, trained, tmp_pa
     assert len(refs) == 2 and len(set(refs)) == 2
     assert config["test"]["k_shot"] == 2 and config["backbone"]["name"] == "tiny_clip"
     assert (run / "table.md").read_text().count("|") > 20
+    log = (run / "log.txt").read_text()
+    assert "candle: i-AUROC" in log and "wood_board: i-AUROC" in log
     # same seed -> same numbers
     again = test_script.evaluate(cfg, force=True)
     assert json.loads((again / "metrics.json").read_text())["per_category"] == metrics["per_category"]
