@@ -130,6 +130,8 @@ def evaluate(cfg: TestConfig, force: bool = False) -> Path:
     handler = logging.FileHandler(run_dir / "log.txt", mode="w", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     log.addHandler(handler)
+    level = log.level
+    log.setLevel(logging.INFO)  # the run's log file is complete whatever the caller's logging setup
     try:
         log.info("checkpoint %s (epoch %s), %d categories", cfg.checkpoint, ckpt["epoch"], len(classes))
         for cls in tqdm(classes, desc=f"{cfg.dataset} {cfg.k_shot}-shot seed {cfg.seed}"):
@@ -138,6 +140,7 @@ def evaluate(cfg: TestConfig, force: bool = False) -> Path:
             log.info("%s: i-AUROC %.4f p-AUROC %.4f p-AUPRO %.4f, %.3f s/image, references %s", cls, m["i_auroc"],
                      m["p_auroc"], m["p_aupro"], info[cls]["seconds_per_image"], info[cls]["references"])
     finally:
+        log.setLevel(level)
         log.removeHandler(handler)
         handler.close()
     config = {"test": to_dict(cfg), "model": ckpt["model_config"], "backbone": ckpt["backbone"],
