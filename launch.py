@@ -8,13 +8,12 @@ arguments stay those of the authors' scripts.
 """
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.backbones import BackboneError
+from utils.cli import run_cli
 from utils.config import WINMODES, ModelConfig, TestConfig, TrainConfig
 
 POSITIONAL = ("model_name", "device", "useNAM", "winmode", "win-size", "win-stride", "win-weight", "seed", "kshots")
@@ -149,19 +148,11 @@ def run(mode: str, args: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("fdsl").setLevel(logging.INFO)
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in ("train_and_test", "test"):
         print(f"launch.py: error: first argument must be train_and_test or test\n{USAGE}", file=sys.stderr)
         return 2
-    try:
-        run(argv[0], argv[1:])
-    except (FileNotFoundError, ValueError, BackboneError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
+    return run_cli("launch.py", lambda: run(argv[0], argv[1:]))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -20,9 +20,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data.dataset import AnomalyDataset, categories, load_image, load_meta, select_k_shot
-from models.backbones import BackboneError
 from models.detector import FDSLDetector, final_image_scores, load_detector
 from utils import report
+from utils.cli import run_cli
 from utils.config import TestConfig, resolve_device, to_dict, validate_test
 from utils.io import read_json
 from utils.metrics import compute_category_metrics
@@ -181,15 +181,7 @@ def parse_args(argv=None) -> tuple[TestConfig, bool]:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("fdsl").setLevel(logging.INFO)
-    try:
-        evaluate(*parse_args(argv))
-    except (FileNotFoundError, ValueError, BackboneError) as e:
-        print(f"test.py: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
+    return run_cli("test.py", lambda: evaluate(*parse_args(argv)))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -20,8 +20,8 @@ from tqdm import tqdm
 
 from data.dataset import AnomalyDataset, categories, load_image, load_meta, make_augmentation, select_k_shot
 from models.detector import FDSLDetector, checkpoint_payload, check_backbone, read_checkpoint, upsample_probs
-from models.backbones import BackboneError
 from models.memory import align_to_banks
+from utils.cli import run_cli
 from utils.config import ModelConfig, TrainConfig, resolve_device, to_dict
 from utils.io import atomic_torch_save, atomic_write_json
 from utils.losses import segmentation_loss
@@ -134,16 +134,7 @@ def parse_args(argv=None) -> TrainConfig:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("fdsl").setLevel(logging.INFO)
-    try:
-        path = train(parse_args(argv))
-    except (FileNotFoundError, ValueError, BackboneError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return 2
-    print(path)
-    return 0
-
+    return run_cli("train.py", lambda: print(train(parse_args(argv))))
 
 if __name__ == "__main__":
     sys.exit(main())

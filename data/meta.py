@@ -120,3 +120,22 @@ def write_meta(root: str | os.PathLike, meta: dict) -> tuple[Path, str]:
     validate_meta(meta)
     path = atomic_write_json(Path(root) / META_NAME, meta)
     return path, summarise(meta)
+
+
+def index_cli(build_meta, description: str, epilog: str, argv: list[str] | None = None) -> int:
+    """Command line shared by the dataset indexers: --root [--categories] -> meta.json."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description=description, epilog=epilog)
+    parser.add_argument("--root", required=True, type=Path, help="dataset root folder")
+    parser.add_argument("--categories", nargs="+", metavar="CLS", help="categories to index (default: see below)")
+    args = parser.parse_args(argv)
+    try:
+        path, summary = write_meta(args.root, build_meta(args.root, args.categories))
+    except DatasetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(summary)
+    print(f"wrote {path}")
+    return 0

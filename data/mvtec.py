@@ -5,14 +5,13 @@ images) and <cls>/ground_truth/<defect>/NNN_mask.png for each anomalous NNN.png.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python data/mvtec.py`: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.meta import DatasetError, is_image, list_images, make_item, rel_posix, write_meta  # noqa: E402
+from data.meta import DatasetError, index_cli, is_image, list_images, make_item, rel_posix  # noqa: E402
 
 MVTEC_CATEGORIES = (
     "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
@@ -80,23 +79,14 @@ def build_meta(root: str | Path, categories: list[str] | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description="Write <root>/meta.json for a dataset in the MVTec AD layout "
-                    "(<cls>/train/good, <cls>/test/<defect>, <cls>/ground_truth/<defect>/NNN_mask.png).",
-        epilog="Without --categories, the official MVTec AD categories found under the root are used; "
-               "if none is present, every folder with the MVTec layout (train/good and test) is used, "
-               "so this also indexes the synthetic datasets of data/synthetic.py and your own data.")
-    parser.add_argument("--root", required=True, type=Path, help="dataset root folder")
-    parser.add_argument("--categories", nargs="+", metavar="CLS", help="categories to index (default: see below)")
-    args = parser.parse_args(argv)
-    try:
-        path, summary = write_meta(args.root, build_meta(args.root, args.categories))
-    except DatasetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(summary)
-    print(f"wrote {path}")
-    return 0
+    return index_cli(
+        build_meta,
+        "Write <root>/meta.json for a dataset in the MVTec AD layout "
+        "(<cls>/train/good, <cls>/test/<defect>, <cls>/ground_truth/<defect>/NNN_mask.png).",
+        "Without --categories, the official MVTec AD categories found under the root are used; "
+        "if none is present, every folder with the MVTec layout (train/good and test) is used, "
+        "so this also indexes the synthetic datasets of data/synthetic.py and your own data.",
+        argv)
 
 
 if __name__ == "__main__":

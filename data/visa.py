@@ -6,7 +6,6 @@ VisA has no defect-type folders, so specie_name is 'good' or 'bad'.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python data/visa.py`: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.meta import DatasetError, make_item, sort_meta, write_meta  # noqa: E402
+from data.meta import DatasetError, index_cli, make_item, sort_meta  # noqa: E402
 
 VISA_CATEGORIES = (
     "candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2",
@@ -93,22 +92,13 @@ def build_meta(root: str | Path, categories: list[str] | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=f"Write <root>/meta.json for VisA from <root>/{SPLIT_CSV.as_posix()} "
-                    f"(columns {', '.join(COLUMNS)}).",
-        epilog="Without --categories, the 12 VisA categories found in the CSV are used; "
-               "if none is present, every object named in the CSV is used.")
-    parser.add_argument("--root", required=True, type=Path, help="VisA root folder")
-    parser.add_argument("--categories", nargs="+", metavar="CLS", help="categories to index")
-    args = parser.parse_args(argv)
-    try:
-        path, summary = write_meta(args.root, build_meta(args.root, args.categories))
-    except DatasetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(summary)
-    print(f"wrote {path}")
-    return 0
+    return index_cli(
+        build_meta,
+        f"Write <root>/meta.json for VisA from <root>/{SPLIT_CSV.as_posix()} "
+        f"(columns {', '.join(COLUMNS)}).",
+        "Without --categories, the 12 VisA categories found in the CSV are used; "
+        "if none is present, every object named in the CSV is used.",
+        argv)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ class BackboneOutput:
     grid: tuple[int, int]  # (rows, cols), N = rows * cols
 
 
-class BackboneError(RuntimeError):
+class BackboneError(ValueError):
     """Raised with a message that names the config, file or option to fix."""
 
 
