@@ -63,6 +63,16 @@ def _env(name: str, default: str | None = None) -> str | None:
     return value or default
 
 
+def _env_int(name: str, default: str | None = None) -> int | None:
+    value = _env(name, default)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}: expected an integer, got '{value}'") from None
+
+
 REPO = Path(__file__).resolve().parent
 
 
@@ -79,15 +89,14 @@ def datasets() -> tuple[DatasetSpec, DatasetSpec]:
     """MVTec-trained heads are tested on VisA at epoch 11, VisA-trained on MVTec at epoch 5
     (REFERENCE.md: the tested epochs are the intended ones)."""
     return (DatasetSpec(_env("MVTEC_NAME", "mvtec"), _env("MVTEC_ROOT", str(REPO / "data/mvtec")), "MVTEC_ROOT",
-                        "mosaic", int(_env("FDSL_EPOCHS_MVTEC", "11"))),
+                        "mosaic", _env_int("FDSL_EPOCHS_MVTEC", "11")),
             DatasetSpec(_env("VISA_NAME", "visa"), _env("VISA_ROOT", str(REPO / "data/visa")), "VISA_ROOT",
-                        "crop", int(_env("FDSL_EPOCHS_VISA", "5"))))
+                        "crop", _env_int("FDSL_EPOCHS_VISA", "5")))
 
 
 def model_config(launch: Launch) -> ModelConfig:
-    size = _env("FDSL_IMAGE_SIZE")
     return ModelConfig(backbone=_env("FDSL_BACKBONE", ModelConfig.backbone), pretrained=_env("FDSL_PRETRAINED"),
-                       image_size=int(size) if size else None, use_nam=launch.use_nam)
+                       image_size=_env_int("FDSL_IMAGE_SIZE"), use_nam=launch.use_nam)
 
 
 def checkpoint_dir(launch: Launch, train_set: DatasetSpec) -> Path:
@@ -96,12 +105,11 @@ def checkpoint_dir(launch: Launch, train_set: DatasetSpec) -> Path:
 
 
 def train_config(launch: Launch, train_set: DatasetSpec) -> TrainConfig:
-    steps = _env("FDSL_MAX_STEPS")
     return TrainConfig(data_root=train_set.root, dataset=train_set.name, out_dir=str(checkpoint_dir(launch, train_set)),
                        model=model_config(launch), seed=launch.seed, epochs=train_set.epochs,
-                       batch_size=int(_env("FDSL_BATCH_SIZE", "8")), train_k_shot=int(_env("FDSL_TRAIN_K_SHOT", "10")),
-                       augment=train_set.augment, device=launch.device, workers=int(_env("FDSL_WORKERS", "0")),
-                       max_steps=int(steps) if steps else None)
+                       batch_size=_env_int("FDSL_BATCH_SIZE", "8"), train_k_shot=_env_int("FDSL_TRAIN_K_SHOT", "10"),
+                       augment=train_set.augment, device=launch.device, workers=_env_int("FDSL_WORKERS", "0"),
+                       max_steps=_env_int("FDSL_MAX_STEPS"))
 
 
 def test_config(launch: Launch, train_set: DatasetSpec, test_set: DatasetSpec) -> TestConfig:
@@ -110,8 +118,11 @@ def test_config(launch: Launch, train_set: DatasetSpec, test_set: DatasetSpec) -
                       results_root=_env("RESULTS_ROOT", str(REPO / "results")), model_name=launch.model_name, seed=launch.seed,
                       k_shot=launch.k_shot, winmode=launch.winmode, win_size=launch.win_size,
                       win_stride=launch.win_stride, win_weight=launch.win_weight,
-                      image_index=_env("FDSL_IMAGE_INDEX", "windows"), eval_size=int(_env("FDSL_EVAL_SIZE", "240")),
-                      batch_size=int(_env("FDSL_BATCH_SIZE", "8")), device=launch.device)
+                      image_index=_env("FDSL_IMAGE_INDEX", "windows"), eval_size=_env_int("FDSL_EVAL_SIZE", "240"),
+                      batch_size=_env_int("FDSL_BATCH_SIZE", "8"), device=launch.device,
+                      # None: what the checkpoint was trained with (e.g. weights at another path here)
+                      backbone=_env("FDSL_BACKBONE"), pretrained=_env("FDSL_PRETRAINED"),
+                      image_size=_env_int("FDSL_IMAGE_SIZE"))
 
 
 def _script(name: str):
@@ -123,6 +134,25 @@ def _script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def check_before_training(launch: Launch, plans) -> None:
+    """Arguments that only the test step uses are checked before hours of training: k against
+    every test category, and the windows against the backbone's patch grid."""
+    from data.dataset import load_meta, select_k_shot
+
+    for _, test_set in plans:
+        meta = load_meta(test_set.root)
+        for cls in meta["test"]:
+            select_k_shot(meta, cls, launch.k_shot, launch.seed)
+    if launch.winmode != "nan":
+        from models.backbones import create_backbone
+        from models.lfe import WindowLayout
+
+        cfg = model_config(launch)
+        backbone = create_backbone(cfg.backbone, "cpu", "none", cfg.image_size)  # architecture only
+        grid = backbone.image_size // backbone.patch_size
+        WindowLayout.make((grid, grid), launch.win_size, launch.win_stride)
 
 
 def run(mode: str, args: list[str]) -> None:
@@ -140,6 +170,7 @@ def run(mode: str, args: list[str]) -> None:
             if not Path(spec.root).is_dir():
                 raise FileNotFoundError(f"{spec.name} dataset root not found: {spec.root} (set {spec.root_env} "
                                         f"to the folder that holds meta.json)")
+    check_before_training(launch, plans)
     if mode == "train_and_test":
         for train_set, _ in plans:
             train_script.train(train_config(launch, train_set))

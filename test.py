@@ -8,6 +8,7 @@ and skips a run whose metrics.json already exists (use --force to redo it).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -20,7 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data.dataset import AnomalyDataset, categories, load_image, load_meta, select_k_shot
-from models.detector import FDSLDetector, final_image_scores, load_detector
+from models.detector import FDSLDetector, final_image_scores, load_detector, read_checkpoint
 from utils import report
 from utils.cli import run_cli
 from utils.config import TestConfig, resolve_device, to_dict, validate_test
@@ -96,15 +97,20 @@ def evaluate_category(detector: FDSLDetector, cfg: TestConfig, root: Path, meta:
 
 # Settings that change numbers; a finished run with other values must not be taken as done.
 RESULT_KEYS = ("data_root", "checkpoint", "classes", "winmode", "win_size", "win_stride", "win_weight",
-               "image_index", "eval_size", "fpr_limit")
+               "image_index", "eval_size", "fpr_limit", "backbone", "pretrained", "image_size")
 
 
 def _finished(run_dir: Path, cfg: TestConfig) -> bool:
     if not report.is_run_complete(run_dir):
         return False
-    stored = read_json(run_dir / "config.json", "results config").get("test", {})
+    stored = read_json(run_dir / "config.json", "results config")
     mine = to_dict(cfg)
-    diff = [k for k in RESULT_KEYS if stored.get(k) != mine.get(k)]
+    diff = [k for k in RESULT_KEYS if stored.get("test", {}).get(k) != mine.get(k)]
+    if Path(cfg.checkpoint).is_file():  # heads retrained with other settings under the same path
+        ckpt = read_checkpoint(cfg.checkpoint)
+        if json.loads(json.dumps(ckpt.get("train_config", {}))) != stored.get("train") \
+                or ckpt["epoch"] != stored.get("checkpoint_epoch"):
+            diff.append("the checkpoint's training")
     if diff:
         raise ValueError(f"{run_dir} holds results of another configuration (differs in {', '.join(diff)}); "
                          f"use another model_name or --force to overwrite")
@@ -124,7 +130,7 @@ def evaluate(cfg: TestConfig, force: bool = False) -> Path:
     for cls in classes:  # fail before any work when k is too large anywhere
         select_k_shot(meta, cls, cfg.k_shot, cfg.seed)
     torch.manual_seed(cfg.seed)
-    detector, ckpt = load_detector(cfg.checkpoint, device)
+    detector, ckpt = load_detector(cfg.checkpoint, device, cfg.backbone, cfg.pretrained, cfg.image_size)
     per_category, info = {}, {}
     run_dir.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(run_dir / "log.txt", mode="w", encoding="utf-8")
@@ -162,6 +168,9 @@ def parse_args(argv=None) -> tuple[TestConfig, bool]:
     p.add_argument("--results-root", default=d.results_root)
     p.add_argument("--model-name", default=d.model_name)
     p.add_argument("--classes", nargs="*", default=None)
+    p.add_argument("--backbone", default=None, help="override the checkpoint's backbone config (must match it)")
+    p.add_argument("--pretrained", default=None, help="weights tag or local file, e.g. on another machine")
+    p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--k-shot", type=int, default=d.k_shot)
     p.add_argument("--winmode", default=d.winmode, choices=("nan", "mul", "onlywin"))

@@ -8,10 +8,12 @@ does nothing when the last epoch exists.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -39,11 +41,32 @@ def last_checkpoint(out_dir: str | Path) -> tuple[int, Path | None]:
     return max(found) if found else (0, None)
 
 
+# Settings that change the trained heads: a checkpoint folder written with other values is not
+# resumed or taken as finished (epochs may grow: that continues the same run).
+TRAIN_KEYS = ("data_root", "classes", "model", "seed", "batch_size", "lr", "betas", "train_k_shot", "augment",
+              "mosaic_p", "crop_p", "crop_plus", "max_steps")
+
+
+def check_same_run(ckpt_path: Path, cfg: TrainConfig) -> dict:
+    """The checkpoint, after checking it belongs to this configuration."""
+    ckpt = read_checkpoint(ckpt_path)
+    plain = lambda d: json.loads(json.dumps(d))  # tuples -> lists on both sides
+    stored, mine = plain(ckpt.get("train_config", {})), plain(to_dict(cfg))
+    diff = [k for k in TRAIN_KEYS if stored.get(k) != mine.get(k)]
+    if diff:
+        raise ValueError(f"{ckpt_path.parent} holds a training run with other settings (differs in "
+                         f"{', '.join(diff)}); use another out-dir (launchers: another model_name) or delete it")
+    return ckpt
+
+
 def build_banks(detector: FDSLDetector, root: Path, meta: dict, classes: list[str], k: int, seed: int) -> dict:
     """One reference bank per category from k normal train images (fewer if the split is smaller)."""
     banks = {}
     for cls in tqdm(classes, desc="reference banks", leave=False):
         n_train = sum(1 for it in meta["train"].get(cls, []) if not it.get("anomaly", 0))
+        if n_train == 0:
+            raise ValueError(f"category '{cls}' has no normal train images in {root / 'meta.json'}; "
+                             f"references come from there (or leave the category out with --classes)")
         refs = select_k_shot(meta, cls, min(k, n_train), seed)
         images = torch.stack([load_image(root / it["img_path"], detector.image_size) for it in refs])
         banks[cls] = detector.build_bank(images, [it["img_path"] for it in refs])
@@ -51,12 +74,17 @@ def build_banks(detector: FDSLDetector, root: Path, meta: dict, classes: list[st
 
 
 def train(cfg: TrainConfig) -> Path:
+    if cfg.epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {cfg.epochs}")
     device = resolve_device(cfg.device)
+    cfg = replace(cfg, data_root=str(Path(cfg.data_root).resolve()))  # the same run, however spelled
     out_dir = Path(cfg.out_dir)
-    done, _ = last_checkpoint(out_dir)
+    done, last = last_checkpoint(out_dir)
+    ckpt = check_same_run(last, cfg) if done else None
     if done >= cfg.epochs:
-        log.info("already trained: %s", checkpoint_path(out_dir, done))
-        return checkpoint_path(out_dir, done)
+        wanted = checkpoint_path(out_dir, cfg.epochs)
+        log.info("already trained: %s", wanted if wanted.is_file() else last)
+        return wanted if wanted.is_file() else last
     root = Path(cfg.data_root)
     meta = load_meta(root)
     classes = categories(meta, cfg.classes, "test")
@@ -64,9 +92,8 @@ def train(cfg: TrainConfig) -> Path:
     torch.manual_seed(cfg.seed)  # head initialisation
     detector = FDSLDetector.build(cfg.model, device)
     optimizer = torch.optim.Adam(detector.heads.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
-    if done:
-        ckpt = read_checkpoint(checkpoint_path(out_dir, done))
-        check_backbone(ckpt["backbone"], detector.backbone, checkpoint_path(out_dir, done))
+    if ckpt is not None:
+        check_backbone(ckpt["backbone"], detector.backbone, last)
         detector.heads.load_state_dict(ckpt["heads"])
         optimizer.load_state_dict(ckpt["optimizer"])
         log.info("resuming after epoch %d", done)

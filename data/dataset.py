@@ -6,14 +6,16 @@ applies its own mean/std.
 """
 from __future__ import annotations
 
-import json
 import zlib
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
+
+from data.meta import DatasetError, validate_meta
+from utils.io import read_json
 
 SPLITS = ("train", "test")
 
@@ -27,10 +29,11 @@ def load_meta(root: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; write it first with "
                                 f"`python data/mvtec.py --root {root}` (or data/visa.py for VisA)")
-    meta = json.loads(path.read_text(encoding="utf-8"))
-    missing = [s for s in SPLITS if s not in meta]
-    if missing:
-        raise ValueError(f"{path}: missing split(s) {missing}; expected keys 'train' and 'test'")
+    meta = read_json(path, "dataset index")
+    try:
+        validate_meta(meta)
+    except DatasetError as e:
+        raise ValueError(f"{path}: {e} (rewrite it with data/mvtec.py or data/visa.py)") from e
     return meta
 
 
@@ -53,8 +56,8 @@ def _category_seed(seed: int, cls_name: str) -> int:
 def select_k_shot(meta: dict, cls_name: str, k: int, seed: int) -> list[dict]:
     """k normal references of a category, drawn without replacement from its train split.
 
-    The draw depends only on (seed, category, the sorted train list), so every run with the same
-    seed uses the same references and different k nest nothing implicitly.
+    The draw depends only on (seed, category, k, the sorted train list), so every run with the
+    same seed and k uses the same references.
     """
     if k < 1:
         raise ValueError(f"k-shot must be >= 1, got {k}")
@@ -72,9 +75,12 @@ def load_image(path: str | Path, size: int) -> torch.Tensor:
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path} (listed in meta.json; regenerate meta.json if "
                                 f"the dataset moved)")
-    with Image.open(path) as im:
-        im = im.convert("RGB").resize((size, size), Image.BICUBIC)
-        arr = np.asarray(im, dtype=np.float32) / 255.0
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB").resize((size, size), Image.BICUBIC)
+            arr = np.asarray(im, dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from e
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
@@ -86,11 +92,14 @@ def load_mask(path: str | Path | None, size: int | None, fallback_hw: tuple[int,
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"mask not found: {path} (listed in meta.json for an anomalous image)")
-    with Image.open(path) as im:
-        im = im.convert("L")
-        if size:
-            im = im.resize((size, size), Image.NEAREST)
-        arr = np.asarray(im) > 127
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L")
+            if size:
+                im = im.resize((size, size), Image.NEAREST)
+            arr = np.asarray(im) > 127
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"cannot read mask {path}: {e}") from e
     return torch.from_numpy(arr.astype(np.float32))
 
 

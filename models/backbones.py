@@ -95,7 +95,7 @@ class Backbone(nn.Module):
         h, w = images.shape[-2:]
         if h % self.patch_size or w % self.patch_size:
             raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {self.patch_size}")
-        x = (images.to(self.mean.dtype) - self.mean) / self.std
+        x = (images.to(self.mean.device, self.mean.dtype) - self.mean) / self.std
         tokens, glob, grid = self._extract(x)
         return BackboneOutput(
             patch_tokens=[F.normalize(t.float(), dim=-1) for t in tokens],

@@ -125,7 +125,8 @@ def scatter_windows(window_values: torch.Tensor, layout: WindowLayout, flat_ids:
                     batch: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Add window values (..., n, win, win) of windows `flat_ids` onto (..., batch, rows*cols).
 
-    One index_add over all tokens of all windows: overlapping windows accumulate.
+    One index_add over all tokens of all windows: overlapping windows accumulate. (On CUDA,
+    index_add of floats is not bit-deterministic: LFE maps may differ in the last bits.)
     """
     lead = window_values.shape[:-3]
     n_cells = layout.grid[0] * layout.grid[1]
@@ -147,8 +148,15 @@ def stitch_windows(window_maps: torch.Tensor, layout: WindowLayout) -> torch.Ten
         raise ValueError(f"{W} window maps for a layout of {layout.n_windows} windows")
     sums = scatter_windows(window_maps.reshape(*lead, B * W, layout.win, layout.win), layout,
                            torch.arange(B * W), B)
+    return average_windows(sums, layout, B)
+
+
+def average_windows(sums: torch.Tensor, layout: WindowLayout, batch: int) -> torch.Tensor:
+    """(..., batch * rows * cols) accumulated window values -> (..., batch, rows, cols) means over
+    the windows covering each patch."""
+    lead = sums.shape[:-1]
     count = layout.coverage().to(sums).reshape(-1)
-    return (sums.reshape(*lead, B, -1) / count).reshape(*lead, B, *layout.grid)
+    return (sums.reshape(*lead, batch, -1) / count).reshape(*lead, batch, *layout.grid)
 
 
 # ---------------------------------------------------------------------------------------
@@ -300,8 +308,7 @@ class WindowScorer:
             # raw per-window probabilities: the NAM is applied once, on the stitched map
             anomaly = heads.score_layers(out.patch_tokens, aligned, (layout.win, layout.win))[:, :, 1]
             sums = scatter_windows(anomaly, layout, ids.to(anomaly.device), B, sums)
-        count = layout.coverage().to(sums).reshape(-1)
-        stitched = (sums.reshape(sums.shape[0], B, -1) / count).reshape(sums.shape[0], B, *layout.grid)
+        stitched = average_windows(sums, layout, B)
         if heads.use_nam:
             probs = torch.stack([1.0 - stitched, stitched], dim=2)  # (L, B, 2, h, w)
             stitched = heads.aggregate(probs)[:, :, 1]

@@ -33,10 +33,6 @@ class ReferenceBank:
         return sum(t.numel() * t.element_size() for t in self.tokens) + \
             self.global_embedding.numel() * self.global_embedding.element_size()
 
-    def to(self, device) -> "ReferenceBank":
-        return ReferenceBank([t.to(device) for t in self.tokens], self.global_embedding.to(device),
-                             self.grid, list(self.sources))
-
     @staticmethod
     def concat(banks: Sequence["ReferenceBank"]) -> "ReferenceBank":
         """Join banks built in chunks (same grid, same layers)."""
@@ -98,7 +94,16 @@ def align_to_banks(query_tokens: list[torch.Tensor], banks: Sequence[ReferenceBa
                            for b in range(B)])
         return [nearest_neighbours(q, torch.stack([banks[b].tokens[l][ref[b]] for b in range(B)]), chunk)[0]
                 for l, q in enumerate(query_tokens)]
-    if all(bank is banks[0] for bank in banks):  # one category in the batch: no per-sample copies
-        return [nearest_neighbours(q, banks[0].flat(l), chunk)[0] for l, q in enumerate(query_tokens)]
-    return [nearest_neighbours(q, torch.stack([bank.flat(l) for bank in banks]), chunk)[0]
-            for l, q in enumerate(query_tokens)]
+    # Group the batch by bank (category): each group is matched against its own bank once, so
+    # banks of different sizes mix freely and no per-sample copy of a bank is made.
+    groups: dict[int, list[int]] = {}
+    for b, bank in enumerate(banks):
+        groups.setdefault(id(bank), []).append(b)
+    out = []
+    for l, q in enumerate(query_tokens):
+        aligned = torch.empty_like(q)
+        for members in groups.values():
+            idx = torch.tensor(members, device=q.device)
+            aligned[idx] = nearest_neighbours(q[idx], banks[members[0]].flat(l), chunk)[0]
+        out.append(aligned)
+    return out

@@ -85,3 +85,22 @@ def test_evaluation_writes_results_and_is_reproducible(datasets, trained, tmp_pa
     # a finished run with another configuration is refused, not silently reused
     with pytest.raises(ValueError, match="another configuration"):
         test_script.evaluate(TestConfig(**{**cfg.__dict__, "eval_size": 120}))
+
+
+def test_training_with_unequal_banks_and_an_empty_category(datasets, tmp_path):
+    """A category with fewer normal train images than train_k_shot gets a smaller bank, and
+    batches that mix it with others still align; a category without any is named."""
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(datasets[0], root)
+    meta = json.loads((root / "meta.json").read_text())
+    meta["train"]["bolt"] = meta["train"]["bolt"][:1]
+    (root / "meta.json").write_text(json.dumps(meta))
+    cfg = TrainConfig(data_root=str(root), dataset="aux", out_dir=str(tmp_path / "ckpt"), epochs=1, batch_size=8,
+                      model=ModelConfig(backbone="tiny_clip"), train_k_shot=4, max_steps=3)
+    assert train.train(cfg).is_file()
+    meta["train"]["bolt"] = []
+    (root / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="category 'bolt' has no normal train images"):
+        train.train(TrainConfig(**{**cfg.__dict__, "out_dir": str(tmp_path / "other")}))

@@ -51,6 +51,21 @@ def test_train_and_test_then_test_only(env):
     again = run("test_few_shot.sh", args, env)  # finished seeds are skipped
     assert again.returncode == 0, again.stderr[-3000:]
     assert (results / "b" / "2shot" / "seed7" / "metrics.json").stat().st_mtime_ns == stamp
+    # the same model_name with other training settings is refused, not silently reused
+    changed = run("trainAndTest.sh", args, {**env, "FDSL_MAX_STEPS": "2"})
+    assert changed.returncode == 2 and "other settings (differs in max_steps)" in changed.stderr
+
+
+def test_window_and_k_arguments_are_checked_before_training(env, tmp_path):
+    fresh = {**env, "RESULTS_ROOT": str(tmp_path)}
+    too_big = run("trainAndTest.sh", ["w", "cpu", "1", "mul", "40", "2", "0.5", "0", "1"], fresh, timeout=120)
+    assert too_big.returncode == 2 and "win_size=40" in too_big.stderr and "16" in too_big.stderr
+    k = run("trainAndTest.sh", ["w", "cpu", "1", "nan", "13", "2", "0.5", "0", "4"], fresh, timeout=120)
+    assert k.returncode == 2 and "k-shot 4" in k.stderr
+    assert not any(tmp_path.rglob("*.pth"))  # nothing was trained
+    bad_env = run("trainAndTest.sh", ["w", "cpu", "1", "nan", "13", "2", "0.5", "0", "1"],
+                  {**fresh, "FDSL_EPOCHS_VISA": "five"}, timeout=120)
+    assert bad_env.returncode == 2 and "FDSL_EPOCHS_VISA" in bad_env.stderr
 
 
 @pytest.mark.parametrize("args, message", [

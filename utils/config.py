@@ -54,6 +54,10 @@ class TestConfig:
     checkpoint: str = ""
     results_root: str = "results"
     model_name: str = "fdsl"
+    # None = what the checkpoint was trained with; a different backbone is refused when loading
+    backbone: str | None = None
+    pretrained: str | None = None
+    image_size: int | None = None
     classes: list[str] | None = None
     seed: int = 0
     k_shot: int = 1
@@ -89,6 +93,10 @@ def resolve_device(device: str | int) -> torch.device:
     if d.isdigit():
         d = f"cuda:{d}"
     if d.startswith("cuda"):
+        try:
+            torch.device(d)
+        except RuntimeError:
+            raise ValueError(f"device must be 'cpu' or a CUDA index such as 0, got '{device}'") from None
         if not torch.cuda.is_available():
             raise ValueError(f"device '{device}' asks for CUDA, but this machine has no usable CUDA GPU "
                              f"(torch.cuda.is_available() is False); pass 'cpu' instead")

@@ -87,3 +87,15 @@ def test_mosaic_and_crop_keep_masks_aligned(tmp_path):
             crop.set_epoch(epoch)
             s = crop[i]
             assert s["mask"].shape == (32, 32) and s["mask"].max() == 1 and s["label"] == 1
+
+
+def test_corrupt_files_are_named(tmp_path):
+    (tmp_path / "meta.json").write_text("{not json")
+    with pytest.raises(ValueError, match="meta.json"):
+        load_meta(tmp_path)
+    (tmp_path / "meta.json").write_text(json.dumps({"train": {"a": [{"img_path": "x.png"}]}, "test": {}}))
+    with pytest.raises(ValueError, match=r"meta.json: train/a: item must have exactly the keys"):
+        load_meta(tmp_path)
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="cannot read image .*broken.png"):
+        load_image(tmp_path / "broken.png", 16)

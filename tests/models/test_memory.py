@@ -96,3 +96,14 @@ def test_bank_concat_and_bytes():
     assert joined.k == 3 and joined.sources == ["x", "y", "z"]
     assert joined.flat(0).shape == (18, 5)
     assert joined.nbytes() == (3 * 6 * 5 + 3 * 6 * 6 + 3 * 3) * 4
+
+
+def test_align_to_banks_with_banks_of_different_sizes():
+    # a category with fewer references than another must not break a mixed batch
+    small, large = make_bank(1, seed=80), make_bank(3, seed=90)
+    q = [unit(4, 6, 5, seed=91), unit(4, 6, 6, seed=92)]
+    banks = [large, small, small, large]
+    aligned = align_to_banks(q, banks)
+    for layer in range(2):
+        for s in range(4):
+            torch.testing.assert_close(aligned[layer][s:s + 1], brute_force(q[layer][s:s + 1], banks[s].flat(layer)))
