@@ -421,6 +421,21 @@ def _hub_name(model: str, tag: str) -> str:
     return model if tag.lower() == "timm" else f"{model}.{tag}"
 
 
+def _timm_build(name: str, source: str, where: str | None, config: dict, **kwargs) -> nn.Module:
+    """A timm model with hub weights (tag `where`) or randomly initialised, seeded by the config so
+    random-init configs are reproducible; local files are loaded by the caller."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(config.get("init_seed", 0)))
+        if source != "hub":
+            return _timm_create(name, pretrained=False, **kwargs)
+        try:
+            return _timm_create(_hub_name(name, where), pretrained=True, **kwargs)
+        except BackboneError:
+            raise
+        except Exception as e:  # noqa: BLE001 - offline hub errors come in many types
+            raise _hub_error(config, where, e) from e
+
+
 def create_timm_classifier(spec: str | dict | os.PathLike, pretrained: str | None = None) -> tuple[nn.Module, dict]:
     """The configured timm network with its classifier and the backbone's weights, in eval mode,
     plus its config. For checking that weights are really loaded (ImageNet predictions)."""
@@ -430,17 +445,9 @@ def create_timm_classifier(spec: str | dict | os.PathLike, pretrained: str | Non
     if cfg.get("kind") == "timm_vit":
         kwargs.update(dynamic_img_size=True, img_size=int(cfg.get("model_img_size") or cfg["image_size"]))
     source, where = resolve_weights(weights)
-    if source == "hub":
-        try:
-            model = _timm_create(_hub_name(cfg["model"], where), pretrained=True, **kwargs)
-        except BackboneError:
-            raise
-        except Exception as e:  # noqa: BLE001 - offline hub errors come in many types
-            raise _hub_error(cfg, where, e) from e
-    else:
-        model = _timm_create(cfg["model"], pretrained=False, **kwargs)
-        if source == "file":
-            _load_checked(model, prepare_state_dict(cfg, where, model), where, cfg)
+    model = _timm_build(cfg["model"], source, where, cfg, **kwargs)
+    if source == "file":
+        _load_checked(model, prepare_state_dict(cfg, where, model), where, cfg)
     return model.eval(), cfg
 
 
@@ -472,17 +479,7 @@ class TimmViTBackbone(Backbone):
         kwargs = dict(config.get("model_kwargs") or {})
         kwargs.update(dynamic_img_size=True, img_size=int(config.get("model_img_size") or config["image_size"]))
         source, where = resolve_weights(pretrained)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(config.get("init_seed", 0)))  # random-init configs are reproducible
-            if source == "hub":
-                try:
-                    model = _timm_create(_hub_name(name, where), pretrained=True, **kwargs)
-                except BackboneError:
-                    raise
-                except Exception as e:  # noqa: BLE001 - offline hub errors come in many types
-                    raise _hub_error(config, where, e) from e
-            else:
-                model = _timm_create(name, pretrained=False, **kwargs)
+        model = _timm_build(name, source, where, config, **kwargs)
         if not hasattr(model, "forward_intermediates") or not hasattr(model, "blocks"):
             raise BackboneError(f"{name} is not a timm ViT with forward_intermediates; use kind 'timm_cnn' for CNNs")
         if source == "file":
@@ -560,17 +557,7 @@ class TimmCNNBackbone(Backbone):
             raise BackboneError(f"timm_cnn layers must be increasing stage indices, got {self.layers}")
         feat_kwargs = dict(kwargs, features_only=True, out_indices=tuple(self.layers))
         source, where = resolve_weights(pretrained)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(config.get("init_seed", 0)))
-            if source == "hub":
-                try:
-                    model = _timm_create(_hub_name(name, where), pretrained=True, **feat_kwargs)
-                except BackboneError:
-                    raise
-                except Exception as e:  # noqa: BLE001
-                    raise _hub_error(config, where, e) from e
-            else:
-                model = _timm_create(name, pretrained=False, **feat_kwargs)
+        model = _timm_build(name, source, where, config, **feat_kwargs)
         if source == "file":
             self._load_file(model, reference, where, config)
         self.model = model
