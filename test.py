@@ -8,7 +8,6 @@ and skips a run whose metrics.json already exists (use --force to redo it).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -22,9 +21,10 @@ from tqdm import tqdm
 
 from data.dataset import AnomalyDataset, categories, load_image, load_meta, select_k_shot
 from models.detector import FDSLDetector, final_image_scores, load_detector, read_checkpoint
+from models.lfe import WindowScorer, blend
 from utils import report
 from utils.cli import run_cli
-from utils.config import TestConfig, resolve_device, to_dict, validate_test
+from utils.config import TestConfig, as_json, differing_keys, resolve_device, to_dict, validate_test
 from utils.io import read_json
 from utils.metrics import compute_category_metrics
 
@@ -48,7 +48,6 @@ def _mask_size(root: Path, items: list[dict], eval_size: int) -> tuple[int, int]
 def make_window_scorer(detector: FDSLDetector, cfg: TestConfig):
     if cfg.winmode == "nan":
         return None
-    from models.lfe import WindowScorer
     return WindowScorer(detector, cfg.win_size, cfg.win_stride, use_image_index=cfg.image_index != "off")
 
 
@@ -76,7 +75,6 @@ def evaluate_category(detector: FDSLDetector, cfg: TestConfig, root: Path, meta:
         if windows is None:
             m, s = whole_map, whole_score
         else:
-            from models.lfe import blend
             win_map, win_score = windows.predict(images, out_size)
             m, s = blend(cfg.winmode, cfg.win_weight, whole_map, whole_score, win_map, win_score)
         maps.append(m.cpu())
@@ -104,11 +102,10 @@ def _finished(run_dir: Path, cfg: TestConfig) -> bool:
     if not report.is_run_complete(run_dir):
         return False
     stored = read_json(run_dir / "config.json", "results config")
-    mine = to_dict(cfg)
-    diff = [k for k in RESULT_KEYS if stored.get("test", {}).get(k) != mine.get(k)]
+    diff = differing_keys(stored.get("test", {}), to_dict(cfg), RESULT_KEYS)
     if Path(cfg.checkpoint).is_file():  # heads retrained with other settings under the same path
         ckpt = read_checkpoint(cfg.checkpoint)
-        if json.loads(json.dumps(ckpt.get("train_config", {}))) != stored.get("train") \
+        if as_json(ckpt.get("train_config", {})) != stored.get("train") \
                 or ckpt["epoch"] != stored.get("checkpoint_epoch"):
             diff.append("the checkpoint's training")
     if diff:
@@ -191,6 +188,7 @@ def parse_args(argv=None) -> tuple[TestConfig, bool]:
 
 def main(argv=None) -> int:
     return run_cli("test.py", lambda: evaluate(*parse_args(argv)))
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,7 +8,6 @@ does nothing when the last epoch exists.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import re
 import sys
@@ -24,7 +23,7 @@ from data.dataset import AnomalyDataset, categories, load_image, load_meta, make
 from models.detector import FDSLDetector, checkpoint_payload, check_backbone, read_checkpoint, upsample_probs
 from models.memory import align_to_banks
 from utils.cli import run_cli
-from utils.config import ModelConfig, TrainConfig, resolve_device, to_dict
+from utils.config import ModelConfig, TrainConfig, differing_keys, resolve_device, to_dict
 from utils.io import atomic_torch_save, atomic_write_json
 from utils.losses import segmentation_loss
 
@@ -50,9 +49,7 @@ TRAIN_KEYS = ("data_root", "classes", "model", "seed", "batch_size", "lr", "beta
 def check_same_run(ckpt_path: Path, cfg: TrainConfig) -> dict:
     """The checkpoint, after checking it belongs to this configuration."""
     ckpt = read_checkpoint(ckpt_path)
-    plain = lambda d: json.loads(json.dumps(d))  # tuples -> lists on both sides
-    stored, mine = plain(ckpt.get("train_config", {})), plain(to_dict(cfg))
-    diff = [k for k in TRAIN_KEYS if stored.get(k) != mine.get(k)]
+    diff = differing_keys(ckpt.get("train_config", {}), to_dict(cfg), TRAIN_KEYS)
     if diff:
         raise ValueError(f"{ckpt_path.parent} holds a training run with other settings (differs in "
                          f"{', '.join(diff)}); use another out-dir (launchers: another model_name) or delete it")

@@ -5,6 +5,7 @@ fields instead of the original ~40 integer switches.
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import asdict, dataclass, field, fields
 
@@ -121,6 +122,18 @@ def from_dict(cls, data: dict):
     if cls is ModelConfig and "hidden" in kwargs:
         kwargs["hidden"] = tuple(kwargs["hidden"])
     return cls(**kwargs)
+
+
+def as_json(obj):
+    """The value as it reads back from a JSON file (tuples become lists), for comparing a stored
+    configuration with a live one."""
+    return json.loads(json.dumps(obj))
+
+
+def differing_keys(stored: dict, current: dict, keys) -> list[str]:
+    """Keys whose values differ between a stored and a current configuration."""
+    a, b = as_json(stored), as_json(current)
+    return [k for k in keys if a.get(k) != b.get(k)]
 
 
 def env_override(value, name: str):
