@@ -2,9 +2,10 @@
 
     python launch.py {train_and_test|test} model_name device useNAM winmode win-size win-stride win-weight seed kshots
 
-Train on MVTec AD -> test on VisA; train on VisA -> test on MVTec AD. Paths, backbone and
-schedule come from environment variables (README, "Launchers"), so the nine positional
-arguments stay those of the authors' scripts.
+Train on MVTec AD -> test on VisA; train on VisA -> test on MVTec AD. The method (METHOD=fdsl,
+dcpsfr or knn), paths, backbone and schedule come from environment variables (README,
+"Launchers"), so the nine positional arguments stay those of the authors' scripts. A
+training-free method (knn) skips training and is tested on both datasets.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from utils.cli import run_cli
-from utils.config import WINMODES, ModelConfig, TestConfig, TrainConfig
+from utils.config import WINMODES, MethodConfig, TestConfig, TrainConfig
 
 POSITIONAL = ("model_name", "device", "useNAM", "winmode", "win-size", "win-stride", "win-weight", "seed", "kshots")
 USAGE = ("usage: bash trainAndTest.sh|test_few_shot.sh model_name device useNAM winmode win-size win-stride "
@@ -58,19 +59,37 @@ def parse_positional(args: list[str]) -> Launch:
     return launch
 
 
+# Settings that serve every method are FSAD_<NAME>; the FDSL_<NAME> spelling of earlier
+# versions is still read (FSAD_ wins when both are set).
+PREFIXES = ("FSAD_", "FDSL_")
+
+
 def _env(name: str, default: str | None = None) -> str | None:
-    value = os.environ.get(name, "").strip()
-    return value or default
+    """`name` as given (MVTEC_ROOT, METHOD, ...) or, for a bare setting name such as 'BACKBONE',
+    FSAD_BACKBONE then its alias FDSL_BACKBONE."""
+    for key in _keys(name):
+        value = os.environ.get(key, "").strip()
+        if value:
+            return value
+    return default
 
 
-def _env_int(name: str, default: str | None = None) -> int | None:
-    value = _env(name, default)
+UNPREFIXED = ("METHOD", "ABLATION", "MVTEC_ROOT", "VISA_ROOT", "MVTEC_NAME", "VISA_NAME", "RESULTS_ROOT")
+
+
+def _keys(name: str) -> list[str]:
+    return [name] if name in UNPREFIXED else [p + name for p in PREFIXES]
+
+
+def _env_int(name: str, default: str | int | None = None) -> int | None:
+    value = _env(name, None if default is None else str(default))
     if value is None:
         return None
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"environment variable {name}: expected an integer, got '{value}'") from None
+        key = next((k for k in _keys(name) if os.environ.get(k, "").strip()), _keys(name)[0])
+        raise ValueError(f"environment variable {key}: expected an integer, got '{value}'") from None
 
 
 REPO = Path(__file__).resolve().parent
@@ -79,50 +98,85 @@ REPO = Path(__file__).resolve().parent
 @dataclass
 class DatasetSpec:
     name: str  # results folder name
+    key: str  # mvtec | visa: picks the method's epochs for training on it
     root: str
     root_env: str  # the variable that sets root
     augment: str  # training augmentation of the authors for this dataset
-    epochs: int  # epochs when training on it
 
 
 def datasets() -> tuple[DatasetSpec, DatasetSpec]:
-    """MVTec-trained heads are tested on VisA at epoch 11, VisA-trained on MVTec at epoch 5
-    (REFERENCE.md: the tested epochs are the intended ones)."""
-    return (DatasetSpec(_env("MVTEC_NAME", "mvtec"), _env("MVTEC_ROOT", str(REPO / "data/mvtec")), "MVTEC_ROOT",
-                        "mosaic", _env_int("FDSL_EPOCHS_MVTEC", "11")),
-            DatasetSpec(_env("VISA_NAME", "visa"), _env("VISA_ROOT", str(REPO / "data/visa")), "VISA_ROOT",
-                        "crop", _env_int("FDSL_EPOCHS_VISA", "5")))
+    return (DatasetSpec(_env("MVTEC_NAME", "mvtec"), "mvtec", _env("MVTEC_ROOT", str(REPO / "data/mvtec")),
+                        "MVTEC_ROOT", "mosaic"),
+            DatasetSpec(_env("VISA_NAME", "visa"), "visa", _env("VISA_ROOT", str(REPO / "data/visa")),
+                        "VISA_ROOT", "crop"))
 
 
-def model_config(launch: Launch) -> ModelConfig:
-    return ModelConfig(backbone=_env("FDSL_BACKBONE", ModelConfig.backbone), pretrained=_env("FDSL_PRETRAINED"),
-                       image_size=_env_int("FDSL_IMAGE_SIZE"), use_nam=launch.use_nam)
+@dataclass
+class MethodPlan:
+    """The method a launch runs: its request, resolved config and where its files go."""
+    request: MethodConfig
+    config: dict
+    cls: type
+    folder: str  # results/<folder>: model_name, plus the ablation when one is asked
 
 
-def checkpoint_dir(launch: Launch, train_set: DatasetSpec) -> Path:
-    results = Path(_env("RESULTS_ROOT", str(REPO / "results")))
-    return results / launch.model_name / "checkpoints" / f"train_{train_set.name}_nam{int(launch.use_nam)}" / f"seed{launch.seed}"
+def method_plan(launch: Launch) -> MethodPlan:
+    from methods import METHODS, resolve_method_config
+
+    name = _env("METHOD", "fdsl")
+    if name not in METHODS:
+        raise ValueError(f"environment variable METHOD: expected one of {', '.join(sorted(METHODS))}, got '{name}'")
+    cls = METHODS[name]
+    params = {"use_nam": launch.use_nam} if name == "fdsl" else {}  # useNAM is FDSL's switch
+    folder = launch.model_name
+    ablation = _env("ABLATION", "none")
+    if ablation != "none":
+        if ablation not in cls.ablations:
+            raise ValueError(f"environment variable ABLATION: method '{name}' has "
+                             f"{', '.join(['none', *cls.ablations]) if cls.ablations else 'no ablations'}, got '{ablation}'")
+        params.update(cls.ablations[ablation])
+        folder = f"{launch.model_name}-{ablation}"
+    request = MethodConfig(name=name, backbone=_env("BACKBONE"), pretrained=_env("PRETRAINED"),
+                           image_size=_env_int("IMAGE_SIZE"), params=params)
+    return MethodPlan(request, resolve_method_config(request), cls, folder)
 
 
-def train_config(launch: Launch, train_set: DatasetSpec) -> TrainConfig:
-    return TrainConfig(data_root=train_set.root, dataset=train_set.name, out_dir=str(checkpoint_dir(launch, train_set)),
-                       model=model_config(launch), seed=launch.seed, epochs=train_set.epochs,
-                       batch_size=_env_int("FDSL_BATCH_SIZE", "8"), train_k_shot=_env_int("FDSL_TRAIN_K_SHOT", "10"),
-                       augment=train_set.augment, device=launch.device, workers=_env_int("FDSL_WORKERS", "0"),
-                       max_steps=_env_int("FDSL_MAX_STEPS"))
+def results_root() -> Path:
+    return Path(_env("RESULTS_ROOT", str(REPO / "results")))
 
 
-def test_config(launch: Launch, train_set: DatasetSpec, test_set: DatasetSpec) -> TestConfig:
-    ckpt = checkpoint_dir(launch, train_set) / f"epoch_{train_set.epochs}.pth"
-    return TestConfig(data_root=test_set.root, dataset=test_set.name, checkpoint=str(ckpt),
-                      results_root=_env("RESULTS_ROOT", str(REPO / "results")), model_name=launch.model_name, seed=launch.seed,
+def epochs(plan: MethodPlan, train_set: DatasetSpec) -> int:
+    """FSAD_EPOCHS_MVTEC / _VISA, else the method config's (FDSL: MVTec-trained heads are tested on
+    VisA at epoch 11, VisA-trained on MVTec at epoch 5; REFERENCE.md: the tested epochs)."""
+    default = plan.config.get("training", {}).get("epochs", {}).get(train_set.key, 5)
+    return _env_int(f"EPOCHS_{train_set.key.upper()}", default)
+
+
+def checkpoint_dir(launch: Launch, plan: MethodPlan, train_set: DatasetSpec) -> Path:
+    tag = plan.cls.checkpoint_tag(plan.config)
+    return results_root() / plan.folder / "checkpoints" / f"train_{train_set.name}_{tag}" / f"seed{launch.seed}"
+
+
+def train_config(launch: Launch, plan: MethodPlan, train_set: DatasetSpec) -> TrainConfig:
+    return TrainConfig(data_root=train_set.root, dataset=train_set.name,
+                       out_dir=str(checkpoint_dir(launch, plan, train_set)), method=plan.request, seed=launch.seed,
+                       epochs=epochs(plan, train_set), batch_size=_env_int("BATCH_SIZE", 8),
+                       train_k_shot=_env_int("TRAIN_K_SHOT", 10), augment=train_set.augment, device=launch.device,
+                       workers=_env_int("WORKERS", 0), max_steps=_env_int("MAX_STEPS"))
+
+
+def test_config(launch: Launch, plan: MethodPlan, train_set: DatasetSpec, test_set: DatasetSpec) -> TestConfig:
+    trained = plan.cls.trainable
+    ckpt = checkpoint_dir(launch, plan, train_set) / f"epoch_{epochs(plan, train_set)}.pth" if trained else ""
+    return TestConfig(data_root=test_set.root, dataset=test_set.name, checkpoint=str(ckpt), method=plan.request.name,
+                      results_root=str(results_root()), model_name=plan.folder, seed=launch.seed,
                       k_shot=launch.k_shot, winmode=launch.winmode, win_size=launch.win_size,
                       win_stride=launch.win_stride, win_weight=launch.win_weight,
-                      image_index=_env("FDSL_IMAGE_INDEX", "windows"), eval_size=_env_int("FDSL_EVAL_SIZE", "240"),
-                      batch_size=_env_int("FDSL_BATCH_SIZE", "8"), device=launch.device,
-                      # None: what the checkpoint was trained with (e.g. weights at another path here)
-                      backbone=_env("FDSL_BACKBONE"), pretrained=_env("FDSL_PRETRAINED"),
-                      image_size=_env_int("FDSL_IMAGE_SIZE"))
+                      image_index=_env("IMAGE_INDEX", "windows"), eval_size=_env_int("EVAL_SIZE", 240),
+                      batch_size=_env_int("BATCH_SIZE", 8), device=launch.device,
+                      # trained: None = what the checkpoint was trained with (e.g. weights at another path
+                      # here); training-free: the method config's unless set
+                      backbone=_env("BACKBONE"), pretrained=_env("PRETRAINED"), image_size=_env_int("IMAGE_SIZE"))
 
 
 def _script(name: str):
@@ -136,7 +190,7 @@ def _script(name: str):
     return module
 
 
-def check_before_training(launch: Launch, plans) -> None:
+def check_before_training(launch: Launch, plan: MethodPlan, plans) -> None:
     """Arguments that only the test step uses are checked before hours of training: k against
     every test category, and the windows against the backbone's patch grid."""
     from data.dataset import load_meta, select_k_shot
@@ -146,13 +200,14 @@ def check_before_training(launch: Launch, plans) -> None:
         for cls in meta["test"]:
             select_k_shot(meta, cls, launch.k_shot, launch.seed)
     if launch.winmode != "nan":
-        from models.backbones import create_backbone
-        from models.lfe import WindowLayout
+        from methods import create_method
+        from methods.base import InferenceOptions
 
-        cfg = model_config(launch)
-        backbone = create_backbone(cfg.backbone, "cpu", "none", cfg.image_size)  # architecture only
-        grid = backbone.image_size // backbone.patch_size
-        WindowLayout.make((grid, grid), launch.win_size, launch.win_stride)
+        # architecture only (random weights): configure() refuses windows that do not fit the grid,
+        # or a method without windows
+        arch = {**plan.config, "backbones": {r: {**b, "pretrained": "none"} for r, b in plan.config["backbones"].items()}}
+        create_method(arch).configure(InferenceOptions(winmode=launch.winmode, win_size=launch.win_size,
+                                                       win_stride=launch.win_stride))
 
 
 def run(mode: str, args: list[str]) -> None:
@@ -162,20 +217,21 @@ def run(mode: str, args: list[str]) -> None:
 
     launch = parse_positional(args)
     resolve_device(launch.device)  # fail before any work on a machine without the GPU
+    plan = method_plan(launch)
     mvtec, visa = datasets()
     plans = [(mvtec, visa), (visa, mvtec)]  # (train on, test on)
     for train_set, test_set in plans:
-        validate_test(test_config(launch, train_set, test_set))
+        validate_test(test_config(launch, plan, train_set, test_set))
         for spec in (train_set, test_set):
             if not Path(spec.root).is_dir():
                 raise FileNotFoundError(f"{spec.name} dataset root not found: {spec.root} (set {spec.root_env} "
                                         f"to the folder that holds meta.json)")
-    check_before_training(launch, plans)
-    if mode == "train_and_test":
+    check_before_training(launch, plan, plans)
+    if mode == "train_and_test" and plan.cls.trainable:
         for train_set, _ in plans:
-            train_script.train(train_config(launch, train_set))
+            train_script.train(train_config(launch, plan, train_set))
     for train_set, test_set in plans:
-        test_script.evaluate(test_config(launch, train_set, test_set))
+        test_script.evaluate(test_config(launch, plan, train_set, test_set))
 
 
 def main(argv: list[str] | None = None) -> int:

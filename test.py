@@ -1,6 +1,7 @@
-"""Evaluate trained FDSL heads k-shot on a dataset's test split.
+"""Evaluate a method k-shot on a dataset's test split.
 
     python test.py --data-root DIR --dataset visa --checkpoint CKPT --k-shot 1 --seed 0
+    python test.py --data-root DIR --dataset visa --method knn --backbone tiny_clip   # training-free
 
 Writes results/<model_name>/<dataset>/<k>shot/seed<s>/{config.json, metrics.json, table.md}
 and skips a run whose metrics.json already exists (use --force to redo it).
@@ -20,11 +21,12 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data.dataset import AnomalyDataset, categories, load_image, load_meta, select_k_shot
-from models.detector import FDSLDetector, final_image_scores, load_detector, read_checkpoint
-from models.lfe import WindowScorer, blend
+from methods import create_method, list_methods, resolve_method_config
+from methods.base import InferenceOptions, Method
+from methods.checkpoint import load_method, read_checkpoint
 from utils import report
 from utils.cli import run_cli
-from utils.config import TestConfig, as_json, differing_keys, resolve_device, to_dict, validate_test
+from utils.config import MethodConfig, TestConfig, as_json, differing_keys, resolve_device, to_dict, validate_test
 from utils.io import read_json
 from utils.metrics import compute_category_metrics
 
@@ -45,65 +47,82 @@ def _mask_size(root: Path, items: list[dict], eval_size: int) -> tuple[int, int]
     return sizes.pop()
 
 
-def make_window_scorer(detector: FDSLDetector, cfg: TestConfig):
-    if cfg.winmode == "nan":
-        return None
-    return WindowScorer(detector, cfg.win_size, cfg.win_stride, use_image_index=cfg.image_index != "off")
+def inference_options(cfg: TestConfig) -> InferenceOptions:
+    return InferenceOptions(winmode=cfg.winmode, win_size=cfg.win_size, win_stride=cfg.win_stride,
+                            win_weight=cfg.win_weight, image_index=cfg.image_index)
 
 
-def evaluate_category(detector: FDSLDetector, cfg: TestConfig, root: Path, meta: dict, cls: str) -> tuple[dict, dict]:
-    device = detector.backbone.mean.device
+def evaluate_category(method: Method, cfg: TestConfig, root: Path, meta: dict, cls: str) -> tuple[dict, dict]:
     refs = select_k_shot(meta, cls, cfg.k_shot, cfg.seed)
-    ref_images = torch.stack([load_image(root / it["img_path"], detector.image_size) for it in refs])
-    bank = detector.build_bank(ref_images, [it["img_path"] for it in refs], cfg.batch_size)
-    windows = make_window_scorer(detector, cfg)
-    if windows is not None:
-        windows.build_bank(ref_images)
+    ref_images = torch.stack([load_image(root / it["img_path"], method.image_size) for it in refs])
+    state = method.fit(ref_images, [it["img_path"] for it in refs], cfg.batch_size)
 
     items = meta["test"][cls]
     out_size = _mask_size(root, items, cfg.eval_size)
-    ds = AnomalyDataset(root, "test", detector.image_size, items=items, mask_size=cfg.eval_size or None)
+    ds = AnomalyDataset(root, "test", method.image_size, items=items, mask_size=cfg.eval_size or None)
     loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=False)
-    maps, head_scores, masks, labels = [], [], [], []
+    maps, raw_scores, masks, labels = [], [], [], []
     t0 = time.perf_counter()
     for batch in tqdm(loader, desc=f"test {cls}", leave=False):
-        images = batch["image"].to(device)
-        whole_map = whole_score = None
-        if cfg.winmode != "onlywin":  # the whole-image result would be discarded by blend
-            whole_map, whole_score = detector.predict_whole(images, bank, out_size,
-                                                            use_image_index=cfg.image_index == "all")
-        if windows is None:
-            m, s = whole_map, whole_score
-        else:
-            win_map, win_score = windows.predict(images, out_size)
-            m, s = blend(cfg.winmode, cfg.win_weight, whole_map, whole_score, win_map, win_score)
+        m, s = method.predict(batch["image"].to(method.device), state, out_size)
         maps.append(m.cpu())
-        head_scores.append(s.cpu())
+        raw_scores.append(s.cpu())
         masks.append(batch["mask"])
         labels.append(batch["label"])
     seconds = time.perf_counter() - t0
     maps_t = torch.cat(maps)
-    scores = final_image_scores(torch.cat(head_scores), maps_t.flatten(1).amax(1))
+    scores = method.image_scores(torch.cat(raw_scores), maps_t)
     metrics = compute_category_metrics(torch.cat(labels).numpy(), scores.numpy(), torch.cat(masks).numpy() > 0.5,
                                        maps_t.numpy(), fpr_limit=cfg.fpr_limit)
     info = {"references": [it["img_path"] for it in refs], "n_test": len(items),
-            "seconds_per_image": seconds / max(len(items), 1), "bank_bytes": bank.nbytes()}
-    if windows is not None:
-        info["window_bank_bytes"] = windows.bank_bytes()
+            "seconds_per_image": seconds / max(len(items), 1), **method.state_nbytes(state)}
     return metrics, info
 
 
 # Settings that change numbers; a finished run with other values must not be taken as done.
-RESULT_KEYS = ("data_root", "checkpoint", "classes", "winmode", "win_size", "win_stride", "win_weight",
+RESULT_KEYS = ("data_root", "checkpoint", "method", "classes", "winmode", "win_size", "win_stride", "win_weight",
                "image_index", "eval_size", "fpr_limit", "backbone", "pretrained", "image_size")
 
 
-def _finished(run_dir: Path, cfg: TestConfig) -> bool:
+def stored_method(config: dict) -> str:
+    """The method of a results folder's config.json (folders written before methods existed: fdsl)."""
+    return config.get("method", {}).get("method", "fdsl") if isinstance(config.get("method"), dict) else "fdsl"
+
+
+def requested_method(cfg: TestConfig) -> str:
+    """The method this run evaluates: the checkpoint's, or --method for a training-free one."""
+    if cfg.checkpoint:
+        return read_checkpoint(cfg.checkpoint)["method"] if Path(cfg.checkpoint).is_file() else (cfg.method or "fdsl")
+    if not cfg.method:
+        raise ValueError(f"pass --checkpoint (a trained method) or --method for a training-free one "
+                         f"(known methods: {', '.join(list_methods())})")
+    return resolve_method_config(MethodConfig(name=cfg.method))["method"]
+
+
+def build_method(cfg: TestConfig, device) -> tuple[Method, dict]:
+    """The trained method of the checkpoint, or a training-free method from its config."""
+    if cfg.checkpoint:
+        return load_method(cfg.checkpoint, device, cfg.method, cfg.backbone, cfg.pretrained, cfg.image_size)
+    method_cfg = resolve_method_config(MethodConfig(name=cfg.method, backbone=cfg.backbone, pretrained=cfg.pretrained,
+                                                    image_size=cfg.image_size))
+    method = create_method(method_cfg, device)
+    if method.trainable:
+        raise ValueError(f"method '{method.name}' must be trained first: pass --checkpoint (train.py or "
+                         f"trainAndTest.sh writes it)")
+    method.eval()
+    return method, {"method": method.name, "method_config": method_cfg, "backbones": method.backbone_signatures(),
+                    "epoch": None, "train_config": {}}
+
+
+def _finished(run_dir: Path, cfg: TestConfig, method_name: str) -> bool:
     if not report.is_run_complete(run_dir):
         return False
     stored = read_json(run_dir / "config.json", "results config")
+    if stored_method(stored) != method_name:
+        raise ValueError(f"{run_dir} holds results of method '{stored_method(stored)}', not '{method_name}'; "
+                         f"use another model_name (or --results-root)")
     diff = differing_keys(stored.get("test", {}), to_dict(cfg), RESULT_KEYS)
-    if Path(cfg.checkpoint).is_file():  # heads retrained with other settings under the same path
+    if cfg.checkpoint and Path(cfg.checkpoint).is_file():  # heads retrained with other settings under the same path
         ckpt = read_checkpoint(cfg.checkpoint)
         if as_json(ckpt.get("train_config", {})) != stored.get("train") \
                 or ckpt["epoch"] != stored.get("checkpoint_epoch"):
@@ -117,7 +136,8 @@ def _finished(run_dir: Path, cfg: TestConfig) -> bool:
 def evaluate(cfg: TestConfig, force: bool = False) -> Path:
     validate_test(cfg)
     run_dir = report.run_dir(cfg.results_root, cfg.model_name, cfg.dataset, cfg.k_shot, cfg.seed)
-    if not force and _finished(run_dir, cfg):
+    method_name = requested_method(cfg)
+    if not force and _finished(run_dir, cfg, method_name):
         log.info("already evaluated: %s", run_dir)
         return run_dir
     device = resolve_device(cfg.device)
@@ -127,7 +147,8 @@ def evaluate(cfg: TestConfig, force: bool = False) -> Path:
     for cls in classes:  # fail before any work when k is too large anywhere
         select_k_shot(meta, cls, cfg.k_shot, cfg.seed)
     torch.manual_seed(cfg.seed)
-    detector, ckpt = load_detector(cfg.checkpoint, device, cfg.backbone, cfg.pretrained, cfg.image_size)
+    method, ckpt = build_method(cfg, device)
+    method.configure(inference_options(cfg))
     per_category, info = {}, {}
     run_dir.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(run_dir / "log.txt", mode="w", encoding="utf-8")
@@ -136,9 +157,10 @@ def evaluate(cfg: TestConfig, force: bool = False) -> Path:
     level = log.level
     log.setLevel(logging.INFO)  # the run's log file is complete whatever the caller's logging setup
     try:
-        log.info("checkpoint %s (epoch %s), %d categories", cfg.checkpoint, ckpt["epoch"], len(classes))
+        log.info("method %s, checkpoint %s (epoch %s), %d categories", method.name, cfg.checkpoint or "none",
+                 ckpt["epoch"], len(classes))
         for cls in tqdm(classes, desc=f"{cfg.dataset} {cfg.k_shot}-shot seed {cfg.seed}"):
-            per_category[cls], info[cls] = evaluate_category(detector, cfg, root, meta, cls)
+            per_category[cls], info[cls] = evaluate_category(method, cfg, root, meta, cls)
             m = per_category[cls]
             log.info("%s: i-AUROC %.4f p-AUROC %.4f p-AUPRO %.4f, %.3f s/image, references %s", cls, m["i_auroc"],
                      m["p_auroc"], m["p_aupro"], info[cls]["seconds_per_image"], info[cls]["references"])
@@ -146,7 +168,7 @@ def evaluate(cfg: TestConfig, force: bool = False) -> Path:
         log.setLevel(level)
         log.removeHandler(handler)
         handler.close()
-    config = {"test": to_dict(cfg), "model": ckpt["model_config"], "backbone": ckpt["backbone"],
+    config = {"test": to_dict(cfg), "method": ckpt["method_config"], "backbones": ckpt["backbones"],
               "checkpoint_epoch": ckpt["epoch"], "train": ckpt.get("train_config", {}),
               "references": {c: info[c]["references"] for c in classes}}
     seconds = [info[c]["seconds_per_image"] for c in classes]
@@ -161,13 +183,16 @@ def parse_args(argv=None) -> tuple[TestConfig, bool]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", required=True, help="dataset folder holding meta.json")
     p.add_argument("--dataset", default=d.dataset, help="name used in the results path")
-    p.add_argument("--checkpoint", required=True, help="epoch_N.pth written by train.py")
-    p.add_argument("--results-root", default=d.results_root)
-    p.add_argument("--model-name", default=d.model_name)
-    p.add_argument("--classes", nargs="*", default=None)
-    p.add_argument("--backbone", default=None, help="override the checkpoint's backbone config (must match it)")
-    p.add_argument("--pretrained", default=None, help="weights tag or local file, e.g. on another machine")
-    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--checkpoint", default="", help="epoch_N.pth written by train.py (not for training-free methods)")
+    p.add_argument("--method", default=None, help=f"one of {', '.join(list_methods())}; with --checkpoint it must "
+                   f"be the checkpoint's method (default: the checkpoint's)")
+    p.add_argument("--results-root", default=d.results_root, help="default: %(default)s")
+    p.add_argument("--model-name", default=d.model_name, help="results folder name (default: %(default)s)")
+    p.add_argument("--classes", nargs="*", default=None, help="categories to test (default: all)")
+    p.add_argument("--backbone", default=None, help="backbone config(s), NAME or role=NAME,...: override the "
+                   "checkpoint's (must match it) or choose a training-free method's")
+    p.add_argument("--pretrained", default=None, help="weights tag or local file, same syntax, e.g. on another machine")
+    p.add_argument("--image-size", type=int, default=None, help="input side in pixels (default: the checkpoint's)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--k-shot", type=int, default=d.k_shot)
     p.add_argument("--winmode", default=d.winmode, choices=("nan", "mul", "onlywin"))

@@ -1,6 +1,6 @@
-"""Train FDSL's heads on an auxiliary dataset's test split (images with masks).
+"""Train a method's heads on an auxiliary dataset's test split (images with masks).
 
-    python train.py --data-root DIR --dataset mvtec --out-dir results/fdsl/checkpoints/train_mvtec/seed0
+    python train.py --method fdsl --data-root DIR --dataset mvtec --out-dir results/fdsl/checkpoints/train_mvtec/seed0
 
 Checkpoints `epoch_N.pth` are written after every epoch; a rerun resumes from the last one and
 does nothing when the last epoch exists.
@@ -8,6 +8,7 @@ does nothing when the last epoch exists.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import sys
@@ -20,12 +21,12 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data.dataset import AnomalyDataset, categories, load_image, load_meta, make_augmentation, select_k_shot
-from models.detector import FDSLDetector, checkpoint_payload, check_backbone, read_checkpoint, upsample_probs
-from models.memory import align_to_banks
+from methods import METHODS, create_method, list_methods, resolve_method_config
+from methods.base import Method
+from methods.checkpoint import check_backbones, checkpoint_payload, read_checkpoint
 from utils.cli import run_cli
-from utils.config import ModelConfig, TrainConfig, differing_keys, resolve_device, to_dict
+from utils.config import MethodConfig, TrainConfig, differing_keys, resolve_device, to_dict
 from utils.io import atomic_torch_save, atomic_write_json
-from utils.losses import segmentation_loss
 
 log = logging.getLogger("fdsl.train")
 
@@ -42,13 +43,16 @@ def last_checkpoint(out_dir: str | Path) -> tuple[int, Path | None]:
 
 # Settings that change the trained heads: a checkpoint folder written with other values is not
 # resumed or taken as finished (epochs may grow: that continues the same run).
-TRAIN_KEYS = ("data_root", "classes", "model", "seed", "batch_size", "lr", "betas", "train_k_shot", "augment",
+TRAIN_KEYS = ("data_root", "classes", "method", "seed", "batch_size", "lr", "betas", "train_k_shot", "augment",
               "mosaic_p", "crop_p", "crop_plus", "max_steps")
 
 
-def check_same_run(ckpt_path: Path, cfg: TrainConfig) -> dict:
+def check_same_run(ckpt_path: Path, cfg: TrainConfig, method: str) -> dict:
     """The checkpoint, after checking it belongs to this configuration."""
     ckpt = read_checkpoint(ckpt_path)
+    if ckpt["method"] != method:
+        raise ValueError(f"{ckpt_path.parent} holds a training run of method '{ckpt['method']}', not "
+                         f"'{method}'; use another out-dir (launchers: another model_name) or delete it")
     diff = differing_keys(ckpt.get("train_config", {}), to_dict(cfg), TRAIN_KEYS)
     if diff:
         raise ValueError(f"{ckpt_path.parent} holds a training run with other settings (differs in "
@@ -56,28 +60,41 @@ def check_same_run(ckpt_path: Path, cfg: TrainConfig) -> dict:
     return ckpt
 
 
-def build_banks(detector: FDSLDetector, root: Path, meta: dict, classes: list[str], k: int, seed: int) -> dict:
-    """One reference bank per category from k normal train images (fewer if the split is smaller)."""
-    banks = {}
+def fit_references(method: Method, root: Path, meta: dict, classes: list[str], k: int, seed: int) -> dict:
+    """One reference state per category from k normal train images (fewer if the split is smaller)."""
+    states = {}
     for cls in tqdm(classes, desc="reference banks", leave=False):
         n_train = sum(1 for it in meta["train"].get(cls, []) if not it.get("anomaly", 0))
         if n_train == 0:
             raise ValueError(f"category '{cls}' has no normal train images in {root / 'meta.json'}; "
                              f"references come from there (or leave the category out with --classes)")
         refs = select_k_shot(meta, cls, min(k, n_train), seed)
-        images = torch.stack([load_image(root / it["img_path"], detector.image_size) for it in refs])
-        banks[cls] = detector.build_bank(images, [it["img_path"] for it in refs])
-    return banks
+        images = torch.stack([load_image(root / it["img_path"], method.image_size) for it in refs])
+        states[cls] = method.fit(images, [it["img_path"] for it in refs])
+    return states
+
+
+def resolve_training(cfg: TrainConfig) -> tuple[TrainConfig, dict]:
+    """The run with the method's training defaults filled in (lr, betas), and the method config."""
+    method_cfg = resolve_method_config(cfg.method)
+    if not METHODS[method_cfg["method"]].trainable:
+        raise ValueError(f"method '{method_cfg['method']}' is training-free: there is nothing to train; "
+                         f"evaluate it directly with test.py --method {method_cfg['method']}")
+    defaults = method_cfg.get("training", {})
+    cfg = replace(cfg, data_root=str(Path(cfg.data_root).resolve()),  # the same run, however spelled
+                  lr=cfg.lr if cfg.lr is not None else float(defaults.get("lr", 1e-3)),
+                  betas=tuple(cfg.betas if cfg.betas is not None else defaults.get("betas", (0.9, 0.999))))
+    return cfg, method_cfg
 
 
 def train(cfg: TrainConfig) -> Path:
     if cfg.epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {cfg.epochs}")
     device = resolve_device(cfg.device)
-    cfg = replace(cfg, data_root=str(Path(cfg.data_root).resolve()))  # the same run, however spelled
+    cfg, method_cfg = resolve_training(cfg)
     out_dir = Path(cfg.out_dir)
     done, last = last_checkpoint(out_dir)
-    ckpt = check_same_run(last, cfg) if done else None
+    ckpt = check_same_run(last, cfg, method_cfg["method"]) if done else None
     if done >= cfg.epochs:
         wanted = checkpoint_path(out_dir, cfg.epochs)
         log.info("already trained: %s", wanted if wanted.is_file() else last)
@@ -87,21 +104,20 @@ def train(cfg: TrainConfig) -> Path:
     classes = categories(meta, cfg.classes, "test")
 
     torch.manual_seed(cfg.seed)  # head initialisation
-    detector = FDSLDetector.build(cfg.model, device)
-    optimizer = torch.optim.Adam(detector.heads.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
+    method = create_method(method_cfg, device)
+    optimizer = torch.optim.Adam(method.trainable_parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
     if ckpt is not None:
-        check_backbone(ckpt["backbone"], detector.backbone, last)
-        detector.heads.load_state_dict(ckpt["heads"])
+        check_backbones(ckpt["backbones"], method, last)
+        method.heads.load_state_dict(ckpt["state"])
         optimizer.load_state_dict(ckpt["optimizer"])
         log.info("resuming after epoch %d", done)
 
-    banks = build_banks(detector, root, meta, classes, cfg.train_k_shot, cfg.seed)
-    size = detector.image_size
-    dataset = AnomalyDataset(root, "test", size, classes, seed=cfg.seed,
+    states = fit_references(method, root, meta, classes, cfg.train_k_shot, cfg.seed)
+    dataset = AnomalyDataset(root, "test", method.image_size, classes, seed=cfg.seed,
                              augment=make_augmentation(cfg.augment, cfg.mosaic_p, cfg.crop_p, cfg.crop_plus))
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "train_config.json", to_dict(cfg))
-    detector.heads.train()
+    method.train()
     for epoch in range(done, cfg.epochs):
         dataset.set_epoch(epoch)
         loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.workers,
@@ -111,11 +127,7 @@ def train(cfg: TrainConfig) -> Path:
         for step, batch in enumerate(bar):
             if cfg.max_steps is not None and step >= cfg.max_steps:
                 break
-            images, masks = batch["image"].to(device), batch["mask"].to(device)
-            feats = detector.backbone(images)
-            aligned = align_to_banks(feats.patch_tokens, [banks[c] for c in batch["cls_name"]])
-            out = detector.heads(feats.patch_tokens, aligned, feats.grid)
-            loss = segmentation_loss([upsample_probs(m, size) for m in out.supervised_maps()], masks)
+            loss = method.loss(batch, [states[c] for c in batch["cls_name"]])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -123,11 +135,25 @@ def train(cfg: TrainConfig) -> Path:
             bar.set_postfix(loss=f"{loss.item():.4f}")
         mean_loss = sum(losses) / max(len(losses), 1)
         path = atomic_torch_save(checkpoint_path(out_dir, epoch + 1),
-                                 checkpoint_payload(detector, cfg.model, epoch + 1, optimizer, to_dict(cfg)))
+                                 checkpoint_payload(method, epoch + 1, optimizer, to_dict(cfg)))
         with open(out_dir / "train_log.txt", "a", encoding="utf-8") as f:
             f.write(f"epoch {epoch + 1} loss {mean_loss:.6f} steps {len(losses)} seconds {time.time() - t0:.1f}\n")
         log.info("epoch %d/%d loss %.4f -> %s", epoch + 1, cfg.epochs, mean_loss, path)
     return checkpoint_path(out_dir, cfg.epochs)
+
+
+def parse_params(items: list[str]) -> dict:
+    """['use_nam=false', 'lam=0.5'] -> {'use_nam': False, 'lam': 0.5} (values are JSON, else strings)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--param '{item}': expected KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -137,22 +163,31 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--dataset", default=d.dataset, help="name used in logs and folders")
     p.add_argument("--out-dir", required=True, help="checkpoint folder")
     p.add_argument("--classes", nargs="*", default=None, help="categories to train on (default: all)")
-    p.add_argument("--backbone", default=ModelConfig.backbone, help="config name in models/configs or JSON path")
-    p.add_argument("--pretrained", default=None, help="weights tag or local file ('none' = random)")
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--use-nam", type=int, choices=(0, 1), default=1)
+    p.add_argument("--method", default="fdsl", help=f"one of {', '.join(list_methods())} or a method JSON "
+                   f"(default: %(default)s)")
+    p.add_argument("--backbone", default=None, help="backbone config name(s): NAME replaces the method's first "
+                   "backbone, role=NAME[,role=NAME] any (default: the method config's)")
+    p.add_argument("--pretrained", default=None, help="weights tag or local file, same syntax ('none' = random)")
+    p.add_argument("--image-size", type=int, default=None, help="input side in pixels (default: the backbone's)")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=JSON",
+                   help="method parameter override, e.g. --param use_nam=false (repeatable)")
+    p.add_argument("--use-nam", type=int, choices=(0, 1), default=None, help="fdsl: shorthand for --param use_nam")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--lr", type=float, default=None, help="default: the method config's")
     p.add_argument("--train-k-shot", type=int, default=d.train_k_shot)
     p.add_argument("--augment", default=d.augment, choices=("mosaic", "crop", "none"))
     p.add_argument("--workers", type=int, default=d.workers)
     p.add_argument("--device", default=d.device, help="cpu or a CUDA index")
     p.add_argument("--max-steps", type=int, default=None, help="batches per epoch (smoke tests)")
     a = p.parse_args(argv)
-    model = ModelConfig(backbone=a.backbone, pretrained=a.pretrained, image_size=a.image_size, use_nam=bool(a.use_nam))
-    return TrainConfig(data_root=a.data_root, dataset=a.dataset, out_dir=a.out_dir, model=model, classes=a.classes,
+    params = parse_params(a.param)
+    if a.use_nam is not None:
+        params["use_nam"] = bool(a.use_nam)
+    method = MethodConfig(name=a.method, backbone=a.backbone, pretrained=a.pretrained, image_size=a.image_size,
+                          params=params)
+    return TrainConfig(data_root=a.data_root, dataset=a.dataset, out_dir=a.out_dir, method=method, classes=a.classes,
                        seed=a.seed, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, train_k_shot=a.train_k_shot,
                        augment=a.augment, workers=a.workers, device=a.device, max_steps=a.max_steps)
 

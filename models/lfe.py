@@ -1,11 +1,12 @@
 """LFE: local feature enhancement by sliding windows, and the window memory bank.
 
 A window is a square of `win_size` x `win_size` patches cut from the input on the patch grid.
-Each window is re-encoded at its own resolution (win_size * patch_size px) by the detector's
+Each window is re-encoded at its own resolution (win_size * patch_size px) by the method's
 backbone, so small defects cover more tokens. Reference windows of a category's k normal
-images form a window bank; query windows are aligned to it (mulmax), scored by the FD + ASL
-heads, and the raw per-window anomaly maps are averaged back onto the full patch grid. The
-NAM then runs once on the stitched map, exactly as it runs on a whole-image map.
+images form a window bank; query windows are aligned to it (mulmax), scored by the method's
+patch scorer (FDSL: FD + ASL heads; knn: cosine distance), and the raw per-window anomaly maps
+are averaged back onto the full patch grid. The method's refinement (FDSL: the NAM) then runs
+once on the stitched map, exactly as it runs on a whole-image map.
 
 Deviation from the authors' code, on purpose: when (grid - win) is not a multiple of the
 stride, they left the bottom/right strip without a window (NaN there). We add one window
@@ -22,8 +23,8 @@ from typing import Optional
 
 import torch
 
-from models.detector import FDSLDetector, maps_and_scores
 from models.memory import most_similar_reference, nearest_neighbours
+from models.scoring import maps_and_scores
 
 BLEND_MODES = ("nan", "mul", "onlywin")
 
@@ -226,33 +227,35 @@ def _chunk(sim_elems_per_window: int, budget_bytes: int) -> int:
 # ---------------------------------------------------------------------------------------
 
 class WindowScorer:
-    """Window path of an FDSLDetector: same backbone object, same heads.
+    """Window path of a patch-matching method (methods/patch.py): same backbone object, same scorer.
 
-    window_batch: windows per backbone forward (and per alignment/head pass), bounds memory.
+    The method provides `backbone`, `image_size`, `window_layer_maps(tokens, aligned, grid)`
+    (raw per-layer anomaly maps (L, n, h, w) of windows) and `refine_stitched(maps)`.
+    window_batch: windows per backbone forward (and per alignment/scoring pass), bounds memory.
     match_budget_bytes: bound on one similarity block during alignment.
     """
 
-    def __init__(self, detector: FDSLDetector, win_size: int, win_stride: int, use_image_index: bool = False,
+    def __init__(self, method, win_size: int, win_stride: int, use_image_index: bool = False,
                  window_batch: int = 64, match_budget_bytes: int = 256 * 2 ** 20):
         if window_batch < 1:
             raise ValueError(f"window_batch must be >= 1, got {window_batch}")
-        self.detector = detector
+        self.method = method
         self.win_size = int(win_size)
         self.win_stride = int(win_stride)
         self.use_image_index = bool(use_image_index)
         self.window_batch = int(window_batch)
         self.match_budget_bytes = int(match_budget_bytes)
         self.bank: Optional[WindowBank] = None
-        g = detector.image_size // self.patch_size
+        g = method.image_size // self.patch_size
         self.layout((g, g))  # fail at construction on a window that does not fit the grid
 
     @property
     def patch_size(self) -> int:
-        return self.detector.backbone.patch_size
+        return self.method.backbone.patch_size
 
     @property
     def device(self) -> torch.device:
-        return self.detector.backbone.mean.device
+        return self.method.backbone.mean.device
 
     def layout(self, grid: tuple[int, int]) -> WindowLayout:
         return WindowLayout.make(grid, self.win_size, self.win_stride)
@@ -271,7 +274,7 @@ class WindowScorer:
 
     def _encode(self, images: torch.Tensor, layout: WindowLayout, flat_ids: torch.Tensor):
         crops = crop_windows(images, layout, self.patch_size, flat_ids).to(self.device)
-        return self.detector.backbone(crops)
+        return self.method.backbone(crops)
 
     @torch.no_grad()
     def build_bank(self, ref_images: torch.Tensor) -> WindowBank:
@@ -291,33 +294,32 @@ class WindowScorer:
         return self.bank.nbytes() if self.bank is not None else 0
 
     @torch.no_grad()
-    def window_layer_maps(self, images: torch.Tensor) -> torch.Tensor:
-        """(L, B, rows, cols) stitched anomaly maps per layer, after the NAM when the heads use it."""
-        if self.bank is None:
+    def window_layer_maps(self, images: torch.Tensor, bank: Optional[WindowBank] = None) -> torch.Tensor:
+        """(L, B, rows, cols) stitched anomaly maps per layer, after the method's refinement (NAM).
+
+        `bank`: a category's window bank (default: the one the last build_bank made)."""
+        bank = bank if bank is not None else self.bank
+        if bank is None:
             raise RuntimeError("call build_bank(ref_images) before predict")
         layout = self.layout(self._grid_of(images))
-        if layout.grid != self.bank.layout.grid:
-            raise ValueError(f"query grid {layout.grid} differs from the window bank's {self.bank.layout.grid}")
-        heads = self.detector.heads
+        if layout.grid != bank.layout.grid:
+            raise ValueError(f"query grid {layout.grid} differs from the window bank's {bank.layout.grid}")
         B = images.shape[0]
         sums = None
         for ids in self._chunks(B, layout):
             out = self._encode(images, layout, ids)
-            aligned, _ = align_windows(out.patch_tokens, out.global_embedding, self.bank,
+            aligned, _ = align_windows(out.patch_tokens, out.global_embedding, bank,
                                        self.use_image_index, self.match_budget_bytes)
-            # raw per-window probabilities: the NAM is applied once, on the stitched map
-            anomaly = heads.score_layers(out.patch_tokens, aligned, (layout.win, layout.win))[:, :, 1]
+            # raw per-window maps: the refinement (NAM) is applied once, on the stitched map
+            anomaly = self.method.window_layer_maps(out.patch_tokens, aligned, (layout.win, layout.win))
             sums = scatter_windows(anomaly, layout, ids.to(anomaly.device), B, sums)
-        stitched = average_windows(sums, layout, B)
-        if heads.use_nam:
-            probs = torch.stack([1.0 - stitched, stitched], dim=2)  # (L, B, 2, h, w)
-            stitched = heads.aggregate(probs)[:, :, 1]
-        return stitched
+        return self.method.refine_stitched(average_windows(sums, layout, B))
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor, out_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Window anomaly maps (B, *out_size) and window head scores (B,)."""
-        return maps_and_scores(self.window_layer_maps(images), out_size)
+    def predict(self, images: torch.Tensor, out_size: tuple[int, int],
+                bank: Optional[WindowBank] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Window anomaly maps (B, *out_size) and window scores (B,)."""
+        return maps_and_scores(self.window_layer_maps(images, bank), out_size)
 
 
 def blend(winmode: str, win_weight: float, whole_map: Optional[torch.Tensor], whole_score: Optional[torch.Tensor],

@@ -30,10 +30,10 @@ def datasets(tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained(datasets, tmp_path_factory):
     import train
-    from utils.config import ModelConfig, TrainConfig
+    from utils.config import MethodConfig, TrainConfig
 
     out = tmp_path_factory.mktemp("ckpt")
     # 144 steps: enough for the heads and their BatchNorm statistics to settle
     cfg = TrainConfig(data_root=str(datasets[0]), dataset="aux", out_dir=str(out),
-                      model=ModelConfig(backbone="tiny_clip"), epochs=24, batch_size=8, train_k_shot=4, seed=0)
+                      method=MethodConfig(backbone="tiny_clip"), epochs=24, batch_size=8, train_k_shot=4, seed=0)
     return train.train(cfg)

@@ -9,8 +9,10 @@ import torch
 import train
 from conftest import load_test_script
 from data.dataset import AnomalyDataset, load_image, load_meta, select_k_shot
-from models.detector import FDSLDetector, load_detector, read_checkpoint
-from utils.config import ModelConfig, TestConfig, TrainConfig
+from methods import create_method, resolve_method_config
+from methods.checkpoint import load_method, read_checkpoint
+from methods.knn import KNNMethod
+from utils.config import MethodConfig, TestConfig, TrainConfig
 from utils.metrics import auroc
 
 def pixel_auroc(detector, root, predict):
@@ -31,12 +33,11 @@ def pixel_auroc(detector, root, predict):
 def test_trained_heads_beat_untrained_heads_cross_dataset(datasets, trained):
     target = datasets[1]
     heads = lambda det, x, bank: det.predict_whole(x, bank, (64, 64))
-    raw = lambda det, x, bank: det.predict_raw_distance(x, bank, (64, 64))
     torch.manual_seed(0)
-    untrained = FDSLDetector.build(ModelConfig(backbone="tiny_clip")).eval()
-    detector, _ = load_detector(trained)
+    untrained = create_method(resolve_method_config(MethodConfig(backbone="tiny_clip"))).eval()
+    detector, _ = load_method(trained)
     before, after = pixel_auroc(untrained, target, heads), pixel_auroc(detector, target, heads)
-    baseline = pixel_auroc(detector, target, raw)
+    baseline = pixel_auroc(KNNMethod(detector.backbone).eval(), target, heads)  # the knn method
     print(f"\npixel AUROC on the unseen dataset: untrained heads {before:.3f}, trained heads {after:.3f}, "
           f"raw feature distance {baseline:.3f}")
     assert after > before + 0.15, (before, after)
@@ -46,18 +47,18 @@ def test_trained_heads_beat_untrained_heads_cross_dataset(datasets, trained):
 @pytest.mark.slow
 def test_training_resumes_and_skips_finished_runs(datasets, tmp_path):
     cfg = TrainConfig(data_root=str(datasets[0]), dataset="aux", out_dir=str(tmp_path), classes=["tiles"],
-                      model=ModelConfig(backbone="tiny_clip"), epochs=2, batch_size=4, train_k_shot=2, seed=3)
+                      method=MethodConfig(backbone="tiny_clip"), epochs=2, batch_size=4, train_k_shot=2, seed=3)
     full = train.train(cfg)
-    reference = read_checkpoint(full)["heads"]
+    reference = read_checkpoint(full)["state"]
     (tmp_path / "epoch_2.pth").unlink()  # interrupted after epoch 1
     resumed = read_checkpoint(train.train(cfg))
     for k, v in reference.items():
-        torch.testing.assert_close(resumed["heads"][k], v, msg=k)
+        torch.testing.assert_close(resumed["state"][k], v, msg=k)
     mtime = (tmp_path / "epoch_2.pth").stat().st_mtime_ns
     train.train(cfg)  # finished: nothing is redone
     assert (tmp_path / "epoch_2.pth").stat().st_mtime_ns == mtime
     ckpt = torch.load(full, weights_only=True)  # plain containers only
-    assert ckpt["backbone"]["model"] == "tiny-ViT-p14" and ckpt["epoch"] == 2
+    assert ckpt["backbones"]["backbone"]["model"] == "tiny-ViT-p14" and ckpt["epoch"] == 2
     assert json.loads((tmp_path / "train_config.json").read_text())["seed"] == 3
 
 
@@ -75,7 +76,7 @@ def test_evaluation_writes_results_and_is_reproducible(datasets, trained, tmp_pa
         assert 0.0 <= m["p_auroc"] <= 1.0 and 0.0 <= m["i_auroc"] <= 1.0 and 0.0 <= m["p_aupro"] <= 1.0
     refs = config["references"]["candle"]
     assert len(refs) == 2 and len(set(refs)) == 2
-    assert config["test"]["k_shot"] == 2 and config["backbone"]["name"] == "tiny_clip"
+    assert config["test"]["k_shot"] == 2 and config["backbones"]["backbone"]["name"] == "tiny_clip"
     assert (run / "table.md").read_text().count("|") > 20
     log = (run / "log.txt").read_text()
     assert "candle: i-AUROC" in log and "wood_board: i-AUROC" in log
@@ -98,7 +99,7 @@ def test_training_with_unequal_banks_and_an_empty_category(datasets, tmp_path):
     meta["train"]["bolt"] = meta["train"]["bolt"][:1]
     (root / "meta.json").write_text(json.dumps(meta))
     cfg = TrainConfig(data_root=str(root), dataset="aux", out_dir=str(tmp_path / "ckpt"), epochs=1, batch_size=8,
-                      model=ModelConfig(backbone="tiny_clip"), train_k_shot=4, max_steps=3)
+                      method=MethodConfig(backbone="tiny_clip"), train_k_shot=4, max_steps=3)
     assert train.train(cfg).is_file()
     meta["train"]["bolt"] = []
     (root / "meta.json").write_text(json.dumps(meta))

@@ -45,7 +45,7 @@ def test_train_and_test_then_test_only(env):
         metrics = json.loads((run_dir / "metrics.json").read_text())
         assert set(metrics["per_category"]) == classes
         config = json.loads((run_dir / "config.json").read_text())
-        assert config["test"]["seed"] == 7 and config["test"]["k_shot"] == 2 and config["model"]["use_nam"]
+        assert config["test"]["seed"] == 7 and config["test"]["k_shot"] == 2 and config["method"]["use_nam"]
     assert "i-AUROC" in first.stdout
     stamp = (results / "b" / "2shot" / "seed7" / "metrics.json").stat().st_mtime_ns
     again = run("test_few_shot.sh", args, env)  # finished seeds are skipped

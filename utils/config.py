@@ -6,7 +6,6 @@ fields instead of the original ~40 integer switches.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -16,12 +15,14 @@ IMAGE_INDEX = ("off", "windows", "all")
 
 
 @dataclass
-class ModelConfig:
-    backbone: str = "clip_vit_l14_336"  # name in models/configs or a JSON path
-    pretrained: str | None = None  # tag or local file; None = the backbone config's value
-    image_size: int | None = None  # None = the backbone config's value (518 for FDSL)
-    use_nam: bool = True
-    hidden: tuple[int, ...] = (512, 128, 32)
+class MethodConfig:
+    """Which method, and what to change from its JSON config (methods/configs/<name>.json)."""
+    name: str = "fdsl"  # fdsl | dcpsfr | knn, or a path to a method JSON
+    # None = the method config's backbones; "NAME" replaces its first backbone, "role=NAME,..." any
+    backbone: str | None = None
+    pretrained: str | None = None  # weights tag or local file, same syntax; None = each backbone config's
+    image_size: int | None = None  # None = the backbone configs' value (518 for the paper's models)
+    params: dict = field(default_factory=dict)  # method parameters, e.g. {"use_nam": False}
 
 
 @dataclass
@@ -29,13 +30,13 @@ class TrainConfig:
     data_root: str = ""
     dataset: str = "mvtec"  # a name for folders and logs
     out_dir: str = ""  # checkpoints go here
-    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
     classes: list[str] | None = None
     seed: int = 0
     epochs: int = 5
     batch_size: int = 8
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.5, 0.999)
+    lr: float | None = None  # None = the method config's training.lr
+    betas: tuple[float, float] | None = None  # None = the method config's training.betas
     train_k_shot: int = 10  # references per category while training (the authors' effective value)
     augment: str = "mosaic"  # mosaic (MVTec), crop (VisA) or none
     mosaic_p: float = 0.3
@@ -52,9 +53,10 @@ class TestConfig:
 
     data_root: str = ""
     dataset: str = "visa"
-    checkpoint: str = ""
+    checkpoint: str = ""  # trained methods; "" for a training-free method (then `method` is required)
     results_root: str = "results"
     model_name: str = "fdsl"
+    method: str | None = None  # None = the checkpoint's method; another one is refused
     # None = what the checkpoint was trained with; a different backbone is refused when loading
     backbone: str | None = None
     pretrained: str | None = None
@@ -117,10 +119,8 @@ def from_dict(cls, data: dict):
     """Rebuild a config from its JSON form, ignoring keys a newer version may have added."""
     names = {f.name for f in fields(cls)}
     kwargs = {k: v for k, v in data.items() if k in names}
-    if cls is TrainConfig and isinstance(kwargs.get("model"), dict):
-        kwargs["model"] = from_dict(ModelConfig, kwargs["model"])
-    if cls is ModelConfig and "hidden" in kwargs:
-        kwargs["hidden"] = tuple(kwargs["hidden"])
+    if cls is TrainConfig and isinstance(kwargs.get("method"), dict):
+        kwargs["method"] = from_dict(MethodConfig, kwargs["method"])
     return cls(**kwargs)
 
 
@@ -136,6 +136,3 @@ def differing_keys(stored: dict, current: dict, keys) -> list[str]:
     return [k for k in keys if a.get(k) != b.get(k)]
 
 
-def env_override(value, name: str):
-    """Launchers pass paths and backbone choices through environment variables."""
-    return os.environ.get(name) or value

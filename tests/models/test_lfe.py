@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from models.backbones import Backbone, create_backbone
-from models.detector import FDSLDetector
+from methods.fdsl import FDSLMethod
 from models.fdsl import FDSL
 from models.lfe import (WindowBank, WindowLayout, WindowScorer, align_windows, blend, crop_windows,
                         stitch_windows, window_starts)
@@ -24,7 +24,7 @@ def make_detector(backbone, use_nam=True, seed=0):
         if isinstance(m, torch.nn.BatchNorm1d):
             m.running_mean.uniform_(-0.05, 0.05)
             m.running_var.uniform_(0.001, 0.01)
-    return FDSLDetector(backbone, heads).eval()
+    return FDSLMethod(backbone, heads).eval()
 
 
 # -- geometry -------------------------------------------------------------------------------
@@ -212,7 +212,7 @@ def test_end_to_end_k2_win8_stride3(tiny):
     results = {}
     for use_index, wb in ((False, 64), (True, 64), (True, 5)):
         scorer = WindowScorer(det, 8, 3, use_image_index=use_index, window_batch=wb)
-        assert scorer.detector.backbone is det.backbone  # one backbone serves both paths
+        assert scorer.method.backbone is det.backbone  # one backbone serves both paths
         bank = scorer.build_bank(refs)
         assert bank.layout.row_starts.tolist() == [0, 3, 6, 8]
         assert bank.tokens[0].shape == (2 * 16, 64, 64) and bank.global_embedding.shape == (32, 32)

@@ -1,11 +1,14 @@
 import pytest
 import torch
 
+from methods import create_method, resolve_method_config
+from methods.checkpoint import check_backbones, checkpoint_payload, load_method
+from methods.fdsl import FDSLMethod
+from methods.knn import KNNMethod
 from models.backbones import create_backbone
-from models.detector import (FDSLDetector, check_backbone, checkpoint_payload, final_image_scores, load_detector,
-                             maps_and_scores)
 from models.fdsl import FDSL
-from utils.config import ModelConfig
+from models.scoring import final_image_scores, maps_and_scores
+from utils.config import MethodConfig
 
 
 def test_maps_and_scores_hand_made():
@@ -31,28 +34,32 @@ def test_final_image_score_hand_made():
 
 def test_checkpoint_round_trip_and_backbone_guard(tmp_path):
     torch.manual_seed(0)
-    cfg = ModelConfig(backbone="tiny_clip", use_nam=True, hidden=(8,))
-    det = FDSLDetector.build(cfg)
+    cfg = resolve_method_config(MethodConfig(backbone="tiny_clip", params={"use_nam": True, "hidden": [8]}))
+    det = create_method(cfg)
     path = tmp_path / "ckpt.pth"
-    torch.save(checkpoint_payload(det, cfg, epoch=3), path)
+    torch.save(checkpoint_payload(det, epoch=3), path)
     assert torch.load(path, weights_only=True)["epoch"] == 3
-    loaded, ckpt = load_detector(path)
+    loaded, ckpt = load_method(path)
     for k, v in det.heads.state_dict().items():
         torch.testing.assert_close(loaded.heads.state_dict()[k], v)
-    sig = dict(ckpt["backbone"])
+    assert not loaded.heads.training  # prediction always runs the heads in eval mode
+    sig = dict(ckpt["backbones"]["backbone"])
     for key, other in (("layers", [1, 2]), ("layer_dims", [32] * 4), ("smooth", 3), ("model", "x")):
         with pytest.raises(ValueError, match="trained with backbone"):
-            check_backbone({**sig, key: other}, det.backbone, path)
+            check_backbones({"backbone": {**sig, key: other}}, det, path)
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
-        load_detector(tmp_path / "missing.pth")
+        load_method(tmp_path / "missing.pth")
     torch.save({"something": 1}, tmp_path / "other.pth")
-    with pytest.raises(ValueError, match="not an FDSL heads checkpoint"):
-        load_detector(tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="not a method checkpoint"):
+        load_method(tmp_path / "other.pth")
+    # one method's checkpoint is refused by another, naming both
+    with pytest.raises(ValueError, match="method 'fdsl', but method 'dcpsfr'"):
+        load_method(path, method="dcpsfr")
 
 
 def test_raw_distance_is_zero_for_a_reference_image():
-    det = FDSLDetector(create_backbone("tiny_clip"), FDSL([64] * 4, hidden=(4,))).eval()
+    det = KNNMethod(create_backbone("tiny_clip")).eval()
     images = torch.rand(2, 3, 224, 224)
     bank = det.build_bank(images[:1])
-    maps, _ = det.predict_raw_distance(images, bank, (16, 16))
+    maps, _ = det.predict_whole(images, bank, (16, 16))
     assert maps[0].abs().max() < 1e-5 and maps[1].mean() > 1e-3

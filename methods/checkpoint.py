@@ -1,0 +1,92 @@
+"""Checkpoints of any method: {format, method, method_config, backbones (signatures), state, ...}.
+
+Only plain containers and tensors, so `torch.load(weights_only=True)` reads them. A checkpoint
+is refused by another method and by other backbones, naming both.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from methods import create_method, split_roles
+from methods.base import Method
+
+FORMAT = "fsad-method/1"
+LEGACY_FDSL = "fdsl-heads/1"  # written before methods had one interface; read as fdsl
+# signature keys that change the features a head sees
+FEATURE_KEYS = ("kind", "model", "layers", "layer_dims", "patch_size", "smooth", "project_tokens")
+
+
+def checkpoint_payload(method: Method, epoch: int, optimizer: torch.optim.Optimizer | None = None,
+                       train_config: dict | None = None) -> dict:
+    return {
+        "format": FORMAT,
+        "method": method.name,
+        "method_config": method.config,
+        "backbones": method.backbone_signatures(),
+        "state": method.heads.state_dict() if method.heads is not None else {},
+        "epoch": int(epoch),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "train_config": train_config or {},
+    }
+
+
+def _from_legacy(ckpt: dict) -> dict:
+    m = ckpt.get("model_config", {})
+    config = {"method": "fdsl", "backbones": {"backbone": {"config": m.get("backbone"), "pretrained": m.get("pretrained")}},
+              "image_size": m.get("image_size"), "use_nam": bool(m.get("use_nam", True)),
+              "hidden": list(m.get("hidden", (512, 128, 32)))}
+    return {**ckpt, "format": FORMAT, "method": "fdsl", "method_config": config,
+            "backbones": {"backbone": ckpt.get("backbone", {})}, "state": ckpt.get("heads", {})}
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path} (train first with train.py or "
+                                f"trainAndTest.sh, or pass --checkpoint)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(ckpt, dict) and ckpt.get("format") == LEGACY_FDSL:
+        return _from_legacy(ckpt)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a method checkpoint of this codebase (expected format '{FORMAT}')")
+    return ckpt
+
+
+def check_method(ckpt: dict, wanted: str | None, path: str | Path = "checkpoint") -> None:
+    if wanted and ckpt["method"] != wanted:
+        raise ValueError(f"{path} holds a checkpoint of method '{ckpt['method']}', but method '{wanted}' was "
+                         f"asked for; use a checkpoint trained with --method {wanted} (launchers: METHOD={wanted})")
+
+
+def check_backbones(stored: dict[str, dict], method: Method, path: str | Path = "checkpoint") -> None:
+    mine = method.backbone_signatures()
+    for role, sig in mine.items():
+        old = stored.get(role, {})
+        if any(old.get(k) != sig.get(k) for k in FEATURE_KEYS):
+            desc = lambda s: f"{s.get('name')} ({s.get('kind')} {s.get('model')}, layers {s.get('layers')}, dims {s.get('layer_dims')})"
+            raise ValueError(f"{path} was trained with backbone {desc(old)}, but the requested backbone is "
+                             f"{desc(sig)}; use the same backbone (FSAD_BACKBONE / --backbone) or retrain")
+
+
+def load_method(path: str | Path, device="cpu", method: str | None = None, backbone: str | None = None,
+                pretrained: str | None = None, image_size: int | None = None) -> tuple[Method, dict]:
+    """A trained method from its checkpoint, in eval mode; backbone configs, weights and input size
+    may be overridden (`backbone`/`pretrained`: NAME or role=NAME,...), and are checked."""
+    ckpt = read_checkpoint(path)
+    check_method(ckpt, method, path)
+    config = ckpt["method_config"]
+    roles = list(config["backbones"])
+    for role, name in split_roles(backbone, roles, "backbone").items():
+        config["backbones"][role]["config"] = name
+    for role, weights in split_roles(pretrained, roles, "pretrained").items():
+        config["backbones"][role]["pretrained"] = weights
+    if image_size:
+        config["image_size"] = int(image_size)
+    built = create_method(config, device)
+    check_backbones(ckpt["backbones"], built, path)
+    if built.heads is not None:
+        built.heads.load_state_dict(ckpt["state"])
+    built.eval()
+    return built, ckpt
