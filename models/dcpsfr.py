@@ -280,6 +280,9 @@ def fuse_scores(delta: torch.Tensor | None, s_cos: torch.Tensor | None, lam: flo
     delta_bar = delta / (2 sqrt(dim)): the L1 distance of two vectors of norm <= 1 is at most
     sqrt(dim) times their L2 distance, itself at most 2. s_cos_bar = s_cos / 2 (cosine in [-1, 1]).
     Dividing by 1 + lam keeps s_hat in [0, 1]; with one term missing (ablation) s_hat is that term.
+    The residual bound holds while the reconstruction stays in the unit ball (always at init: it is
+    a convex combination of reference tokens); trained projections may leave it slightly, which the
+    calibration that follows absorbs.
     """
     if delta is None and s_cos is None:
         raise ValueError("need the reconstruction residual, the similarity map, or both")
