@@ -107,3 +107,34 @@ def align_to_banks(query_tokens: list[torch.Tensor], banks: Sequence[ReferenceBa
             aligned[idx] = nearest_neighbours(q[idx], banks[members[0]].flat(l), chunk)[0]
         out.append(aligned)
     return out
+
+
+def cluster_bank(tokens: torch.Tensor, size: int, seed: int = 0) -> torch.Tensor:
+    """Reduce (M, C) reference patch features to at most `size` unit-length rows.
+
+    Greedy k-center (farthest-point) selection on cosine distance: start from a seeded random
+    row, then repeatedly add the row farthest from everything chosen so far. Every original
+    row ends up close to some kept row (the largest such distance is within a factor 2 of the
+    best any `size` rows can do, cosine distance being monotone in the Euclidean one on unit
+    vectors), so rare normal patterns survive the reduction where a random subset would drop
+    them. Each step is one (M, C) x (C,) product; only the `size` steps are looped.
+    """
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be (M, C), got {tuple(tokens.shape)}")
+    if size < 1:
+        raise ValueError(f"bank size must be positive, got {size}")
+    x = torch.nn.functional.normalize(tokens, dim=-1)
+    M = x.shape[0]
+    if M <= size:
+        return x
+    g = torch.Generator().manual_seed(seed)
+    first = int(torch.randint(M, (1,), generator=g))
+    chosen = torch.empty(size, dtype=torch.long, device=x.device)
+    chosen[0] = first
+    # cosine distance of every row to its nearest chosen row
+    dist = 1 - x @ x[first]
+    for i in range(1, size):
+        nxt = torch.argmax(dist)
+        chosen[i] = nxt
+        dist = torch.minimum(dist, 1 - x @ x[nxt])
+    return x[chosen]

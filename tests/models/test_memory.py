@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.memory import ReferenceBank, align_to_banks, most_similar_reference, nearest_neighbours
+from models.memory import ReferenceBank, align_to_banks, cluster_bank, most_similar_reference, nearest_neighbours
 
 
 def unit(*shape, seed=0):
@@ -107,3 +107,52 @@ def test_align_to_banks_with_banks_of_different_sizes():
     for layer in range(2):
         for s in range(4):
             torch.testing.assert_close(aligned[layer][s:s + 1], brute_force(q[layer][s:s + 1], banks[s].flat(layer)))
+
+
+def clustered(n_clusters=12, per=40, c=16, noise=0.05, seed=0):
+    """Unit vectors in tight clusters of unequal size around random centres."""
+    g = torch.Generator().manual_seed(seed)
+    centres = F.normalize(torch.randn(n_clusters, c, generator=g), dim=-1)
+    sizes = [per * (4 if i == 0 else 1) for i in range(n_clusters)]  # one dominant cluster
+    pts = torch.cat([centres[i] + noise * torch.randn(s, c, generator=g) for i, s in enumerate(sizes)])
+    labels = torch.cat([torch.full((s,), i) for i, s in enumerate(sizes)])
+    return F.normalize(pts, dim=-1), labels
+
+
+def max_nn_distance(points, bank):
+    return float((1 - points @ bank.T).amin(1).max())
+
+
+def test_cluster_bank_keeps_every_reference_patch_close():
+    pts, labels = clustered()
+    bank = cluster_bank(pts, 12)
+    assert bank.shape == (12, 16)
+    torch.testing.assert_close(bank.norm(dim=-1), torch.ones(12))
+    # one representative per cluster: the worst patch is no farther than a cluster's diameter
+    kept = {int(labels[(pts @ row).argmax()]) for row in bank}
+    assert kept == set(range(12))
+    diameter = max(float((1 - pts[labels == i] @ pts[labels == i].T).max()) for i in range(12))
+    greedy = max_nn_distance(pts, bank)
+    assert greedy <= diameter
+    # random subsets of the same size miss clusters and leave patches far away
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        subset = pts[torch.randperm(len(pts), generator=g)[:12]]
+        assert max_nn_distance(pts, subset) > 2 * greedy
+
+
+def test_cluster_bank_is_deterministic_and_seeded():
+    pts = unit(200, 8, seed=3)
+    torch.testing.assert_close(cluster_bank(pts, 20, seed=5), cluster_bank(pts, 20, seed=5))
+    # rows are members of the original set
+    bank = cluster_bank(pts, 20)
+    assert torch.allclose((bank @ pts.T).amax(1), torch.ones(20))
+    assert not torch.equal(cluster_bank(pts, 20, seed=0), cluster_bank(pts, 20, seed=1))
+
+
+def test_cluster_bank_passthrough_when_small():
+    pts = unit(7, 5, seed=4)
+    torch.testing.assert_close(cluster_bank(pts, 7), pts)
+    torch.testing.assert_close(cluster_bank(2 * pts, 50), pts)  # rows are re-normalised
+    with pytest.raises(ValueError):
+        cluster_bank(pts, 0)
