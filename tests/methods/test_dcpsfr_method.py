@@ -1,0 +1,163 @@
+"""DCP-SFR through the method interface: real tiny CLIP (with its text tower) and tiny DINOv2,
+the shared training and evaluation loops, refusals between methods, ablations."""
+import json
+
+import pytest
+import torch
+
+import train
+from conftest import load_test_script
+from data.dataset import AnomalyDataset, load_image, load_meta, select_k_shot
+from methods import create_method, resolve_method_config
+from methods.base import InferenceOptions
+from methods.checkpoint import load_method, read_checkpoint
+from utils.config import MethodConfig, TestConfig, TrainConfig
+from utils.metrics import auroc
+
+TINY = "clip=tiny_clip,dino=tiny_dinov2"
+
+
+def tiny_dcpsfr(**params):
+    return resolve_method_config(MethodConfig(name="dcpsfr", backbone=TINY, params=params))
+
+
+@pytest.fixture(scope="module")
+def method():
+    torch.manual_seed(0)
+    return create_method(tiny_dcpsfr())
+
+
+def test_backbones_are_built_as_the_method_needs(method):
+    clip, dino = method.backbones["clip"], method.backbones["dino"]
+    assert clip.text_encoder is not None and clip.layer_dims == [clip.embed_dim] * 4  # projected tokens
+    assert dino.norm_tokens
+    # only the prompts' context vectors and the heads are trainable; no backbone tensor is
+    trainable = {id(p) for p in method.trainable_parameters()}
+    assert not trainable & {id(p) for p in method.backbones.parameters()}
+    prompts = method.heads["prompts"]
+    assert {id(prompts.ctx_normal), id(prompts.ctx_anomaly)} <= trainable
+
+
+def test_prompt_gradients_reach_the_context_vectors_through_the_real_text_encoder(method):
+    prompts = method.heads["prompts"]
+    prompts.zero_grad()
+    feats = prompts()
+    assert feats.shape == (2, method.backbones["clip"].embed_dim)
+    torch.testing.assert_close(feats.norm(dim=-1), torch.ones(2))
+    feats[1].sum().backward()
+    assert prompts.ctx_anomaly.grad is not None and prompts.ctx_anomaly.grad.abs().sum() > 0
+    assert all(p.grad is None for p in method.backbones["clip"].text_encoder.parameters())
+    # the anomaly prompt ends in the word: its ids differ from the normal prompt's after the context
+    ids = prompts.ids
+    assert ids[1].argmax() == ids[0].argmax() + 1
+
+
+def test_fit_predict_and_loss_shapes(method):
+    torch.manual_seed(1)
+    refs, query = torch.rand(2, 3, 224, 224), torch.rand(3, 3, 224, 224)
+    state = method.fit(refs)
+    assert state.ref_mean.shape == (256, 64) and state.ref_cls.shape == (2, 64) and state.bank.shape[1] == 64
+    method.eval()
+    maps, scores = method.predict(query, state, (40, 30))
+    assert maps.shape == (3, 40, 30) and scores.shape == (3,)
+    assert (maps >= 0).all() and (maps <= 1).all() and torch.isfinite(scores).all()
+    method.train()
+    batch = {"image": query, "mask": (torch.rand(3, 224, 224) > 0.9).float(), "label": torch.tensor([1, 1, 0])}
+    loss = method.loss(batch, [state] * 3)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    method.heads.zero_grad()
+    loss.backward()
+    heads = method.heads["heads"]
+    # every stage gets a training signal: prompts and amplifier (CACA), reconstruction (ACL), image score
+    for p in (method.heads["prompts"].ctx_anomaly, heads.caca.amplifier.gain, heads.acl.layers[0].q.weight,
+              *heads.calibration.parameters()):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    method.eval()
+
+
+def test_windows_are_refused_by_name(method):
+    with pytest.raises(ValueError, match="dcpsfr.*whole images only"):
+        method.configure(InferenceOptions(winmode="mul", win_size=8, win_stride=2))
+
+
+def test_bad_parameters_are_named():
+    with pytest.raises(ValueError, match="without ACL and SSR"):
+        tiny_dcpsfr(use_acl=False, use_ssr=False)
+    with pytest.raises(ValueError, match="no parameter"):
+        tiny_dcpsfr(use_nam=True)
+    with pytest.raises(ValueError, match="must be true or false"):
+        tiny_dcpsfr(use_caca="yes")
+
+
+def category_aurocs(method, root, cls):
+    meta = load_meta(root)
+    refs = select_k_shot(meta, cls, 1, seed=0)
+    state = method.fit(torch.stack([load_image(root / r["img_path"], method.image_size) for r in refs]))
+    ds = AnomalyDataset(root, "test", method.image_size, [cls], mask_size=64)
+    images = torch.stack([ds[i]["image"] for i in range(len(ds))])
+    masks = torch.stack([ds[i]["mask"] for i in range(len(ds))])
+    labels = [ds[i]["label"] for i in range(len(ds))]
+    maps, scores = method.predict(images, state, (64, 64))
+    return auroc(masks.numpy().ravel() > 0.5, maps.numpy().ravel()), auroc(labels, scores.numpy())
+
+
+@pytest.fixture(scope="module")
+def trained_dcpsfr(datasets, tmp_path_factory):
+    cfg = TrainConfig(data_root=str(datasets[0]), dataset="aux", out_dir=str(tmp_path_factory.mktemp("dcpsfr")),
+                      method=MethodConfig(name="dcpsfr", backbone=TINY), epochs=6, batch_size=8, train_k_shot=4,
+                      seed=0)
+    return train.train(cfg)
+
+
+@pytest.mark.slow
+def test_trained_dcpsfr_beats_untrained_on_the_unseen_dataset(datasets, trained_dcpsfr):
+    torch.manual_seed(0)
+    untrained = create_method(tiny_dcpsfr()).eval()
+    trained, ckpt = load_method(trained_dcpsfr, method="dcpsfr")
+    assert ckpt["method"] == "dcpsfr" and set(ckpt["backbones"]) == {"clip", "dino"}
+    before = [category_aurocs(untrained, datasets[1], c) for c in ("candle", "wood_board")]
+    after = [category_aurocs(trained, datasets[1], c) for c in ("candle", "wood_board")]
+    mean = lambda rows, i: sum(r[i] for r in rows) / len(rows)
+    print(f"\nDCP-SFR on the unseen dataset: pixel AUROC untrained {mean(before, 0):.3f} -> trained "
+          f"{mean(after, 0):.3f}; image AUROC {mean(before, 1):.3f} -> {mean(after, 1):.3f}")
+    assert mean(after, 0) > mean(before, 0) + 0.05
+    assert mean(after, 1) > mean(before, 1) + 0.05
+
+
+@pytest.mark.slow
+def test_methods_refuse_each_others_checkpoints_and_results(datasets, trained, trained_dcpsfr, tmp_path):
+    test_script = load_test_script()
+    with pytest.raises(ValueError, match="method 'dcpsfr', but method 'fdsl'"):
+        load_method(trained_dcpsfr, method="fdsl")
+    cfg = TestConfig(data_root=str(datasets[1]), dataset="target", checkpoint=str(trained),
+                     results_root=str(tmp_path), model_name="shared", k_shot=1, classes=["candle"])
+    run = test_script.evaluate(cfg)
+    assert json.loads((run / "config.json").read_text())["method"]["method"] == "fdsl"
+    other = TestConfig(**{**cfg.__dict__, "checkpoint": str(trained_dcpsfr)})
+    with pytest.raises(ValueError, match="results of method 'fdsl', not 'dcpsfr'"):
+        test_script.evaluate(other)
+    knn = TestConfig(**{**cfg.__dict__, "checkpoint": "", "method": "knn", "backbone": "tiny_clip"})
+    with pytest.raises(ValueError, match="results of method 'fdsl', not 'knn'"):
+        test_script.evaluate(knn)
+    # training into a checkpoint folder of another method is refused too
+    with pytest.raises(ValueError, match="training run of method 'dcpsfr', not 'fdsl'"):
+        train.train(TrainConfig(data_root=str(datasets[0]), out_dir=str(trained_dcpsfr.parent),
+                                method=MethodConfig(backbone="tiny_clip"), epochs=6))
+    assert read_checkpoint(trained_dcpsfr)["epoch"] == 6
+
+
+@pytest.mark.slow
+def test_training_free_knn_evaluates_without_a_checkpoint(datasets, tmp_path):
+    test_script = load_test_script()
+    cfg = TestConfig(data_root=str(datasets[1]), dataset="target", method="knn", backbone="tiny_clip",
+                     results_root=str(tmp_path), model_name="knn", k_shot=1)
+    run = test_script.evaluate(cfg)
+    metrics = json.loads((run / "metrics.json").read_text())
+    config = json.loads((run / "config.json").read_text())
+    assert config["method"]["method"] == "knn" and config["checkpoint_epoch"] is None
+    assert metrics["mean"]["p_auroc"] > 0.8  # plain matching already finds the generated defects
+    with pytest.raises(ValueError, match="training-free"):
+        train.train(TrainConfig(data_root=str(datasets[0]), out_dir=str(tmp_path / "x"),
+                                method=MethodConfig(name="knn", backbone="tiny_clip")))
+    with pytest.raises(ValueError, match="must be trained first"):
+        test_script.evaluate(TestConfig(**{**cfg.__dict__, "method": "fdsl", "model_name": "y"}))
