@@ -32,24 +32,44 @@ def _is_local_file(pretrained: str | None) -> bool:
     return bool(pretrained) and Path(str(pretrained)).expanduser().is_file()
 
 
-def resolve_quick_gelu(model_name: str, pretrained: str | None, configured: bool | None) -> bool:
+_ACTIVATION_OVERRIDES = ("gelu",)  # deliberate departures from the weights' activation
+
+
+def resolve_quick_gelu(model_name: str, pretrained: str | None, configured: bool | None,
+                       activation_override: str | None = None) -> bool:
     """The activation must match the weights: OpenAI CLIP was trained with QuickGELU.
 
     open_clip only warns for a mismatched tag and says nothing for a local file, and the wrong
     activation silently degrades every feature. For a tag we take open_clip's own record and
     refuse a contradicting config; for a local file the config's `quick_gelu` is the truth.
+
+    `activation_override="gelu"` is the one allowed exception: exact GELU whatever the weights
+    were trained with, to reproduce runs that made that choice (the FDSL authors' 518 px setup
+    rebuilt ViT-L-14-336 without quick_gelu and ran the OpenAI weights with nn.GELU).
     """
     import open_clip
 
     arch_cfg = open_clip.get_model_config(model_name) or {}
     arch_quick = bool(arch_cfg.get("quick_gelu", False))
+    if activation_override is not None:
+        if activation_override not in _ACTIVATION_OVERRIDES:
+            raise BackboneError(f"activation_override '{activation_override}' is not known; "
+                                f"allowed: {', '.join(_ACTIVATION_OVERRIDES)}")
+        if configured:
+            raise BackboneError(f"activation_override '{activation_override}' contradicts quick_gelu=true in the "
+                                f"backbone config; remove one of the two")
+        if arch_quick:
+            raise BackboneError(f"activation_override '{activation_override}' cannot undo the QuickGELU built into "
+                                f"the open_clip model {model_name}; name the model without '-quickgelu'")
+        return False
     if pretrained and not _is_local_file(pretrained):
         tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained) or {}
         tag_quick = bool(tag_cfg.get("quick_gelu", False))
         if configured is not None and bool(configured) != tag_quick:
             raise BackboneError(
                 f"quick_gelu={configured} in the backbone config contradicts the '{pretrained}' weights of "
-                f"{model_name}, which were trained with quick_gelu={tag_quick}")
+                f"{model_name}, which were trained with quick_gelu={tag_quick} (to run them with exact "
+                f"GELU on purpose, set \"activation_override\": \"gelu\")")
         return tag_quick or arch_quick
     return bool(configured) or arch_quick
 
@@ -158,7 +178,8 @@ class OpenCLIPBackbone(Backbone):
         model_name = config["model"]
         weights = pretrained if pretrained is not None else config.get("pretrained")
         weights = str(Path(weights).expanduser()) if _is_local_file(weights) else weights
-        quick_gelu = resolve_quick_gelu(model_name, weights, config.get("quick_gelu"))
+        quick_gelu = resolve_quick_gelu(model_name, weights, config.get("quick_gelu"),
+                                        config.get("activation_override"))
         self.quick_gelu = quick_gelu
         with torch.random.fork_rng(devices=[]), _quiet_root_logger():
             torch.manual_seed(int(config.get("init_seed", 0)))  # random-init configs are reproducible
@@ -238,6 +259,7 @@ class OpenCLIPBackbone(Backbone):
 
     def signature(self) -> dict[str, Any]:
         sig = super().signature()
+        sig["quick_gelu"] = self.quick_gelu  # the activation changes every feature
         if self.project_tokens:  # absent means raw tokens, as in every checkpoint saved before the option
             sig["project_tokens"] = True
         return sig

@@ -209,3 +209,59 @@ def test_default_tokens_are_exactly_the_normalised_intermediates(tiny):
 def test_text_options_need_an_open_clip_backbone():
     with pytest.raises(BackboneError, match="keep_text need kind 'open_clip'"):
         create_backbone("tiny_cnn", keep_text=True)
+
+
+# -- activation: the authors' exact-GELU setting ---------------------------------------------
+
+def test_activation_override_allows_exact_gelu_on_quick_gelu_weights():
+    assert resolve_quick_gelu("ViT-L-14-336", "openai", False, "gelu") is False
+    assert resolve_quick_gelu("ViT-L-14-336", "openai", None, "gelu") is False
+    assert resolve_quick_gelu("ViT-L-14-336", None, None, "gelu") is False
+    with pytest.raises(BackboneError, match="activation_override"):  # a bare contradiction is still refused
+        resolve_quick_gelu("ViT-L-14-336", "openai", False)
+    with pytest.raises(BackboneError, match="contradicts quick_gelu=true"):
+        resolve_quick_gelu("ViT-L-14-336", "openai", True, "gelu")
+    with pytest.raises(BackboneError, match="-quickgelu"):
+        resolve_quick_gelu("ViT-L-14-336-quickgelu", None, None, "gelu")
+    with pytest.raises(BackboneError, match="allowed: gelu"):
+        resolve_quick_gelu("ViT-L-14-336", "openai", None, "relu")
+
+
+@pytest.mark.parametrize("name, quick", [("clip_vit_l14_336", True), ("clip_vit_l14_336_authors", False)])
+def test_configs_with_openai_tag_pick_the_activation(monkeypatch, name, quick):
+    """The tag path (no download): open_clip builds the tiny model with the activation we ask for."""
+    real, asked = open_clip.create_model, []
+
+    def tiny_instead(model_name, pretrained=None, force_quick_gelu=False, **kw):
+        asked.append((model_name, pretrained, force_quick_gelu))
+        return real("tiny-ViT-p14", pretrained=None, force_quick_gelu=force_quick_gelu)
+    monkeypatch.setattr(open_clip, "create_model", tiny_instead)
+    backbone = create_backbone(dict(load_backbone_config(name), layers=[1, 4], image_size=224))
+    assert asked == [("ViT-L-14-336", "openai", quick)]
+    assert {type(b.mlp.gelu) for b in backbone.visual.transformer.resblocks} == {QuickGELU if quick else torch.nn.GELU}
+    assert backbone.quick_gelu is quick and backbone.signature()["quick_gelu"] is quick
+    bare = {k: v for k, v in load_backbone_config("clip_vit_l14_336_authors").items() if k != "activation_override"}
+    with pytest.raises(BackboneError, match="contradicts the 'openai' weights"):
+        create_backbone(bare)
+
+
+@pytest.mark.slow
+def test_authors_architecture_runs_exact_gelu():
+    backbone = create_backbone("clip_vit_l14_336_authors", pretrained="none")
+    assert backbone.quick_gelu is False
+    assert {type(b.mlp.gelu) for b in backbone.visual.transformer.resblocks} == {torch.nn.GELU}
+    assert backbone.signature()["quick_gelu"] is False
+
+
+# -- positional embeddings at other resolutions ------------------------------------------------
+
+@pytest.mark.parametrize("grid", [(13, 13), (37, 37), (10, 20)])
+def test_resampled_positions_equal_open_clips_resize_pos_embed(tiny, grid):
+    """Our resampling for a new grid is exactly what open_clip does when it loads weights at another size."""
+    from types import SimpleNamespace
+
+    from open_clip.model import resize_pos_embed
+
+    state = {"visual.positional_embedding": tiny.visual.positional_embedding.detach().clone()}
+    resize_pos_embed(state, SimpleNamespace(visual=SimpleNamespace(grid_size=grid)))
+    assert torch.equal(tiny._pos_embed(grid), state["visual.positional_embedding"])
