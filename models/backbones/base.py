@@ -1,0 +1,107 @@
+"""What every backbone shares: the output type, the error type, the JSON configs in
+`models/configs/` and the frozen base class whose subclasses implement `_extract`."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # models/configs
+DEFAULT_BACKBONE = "clip_vit_l14_336"
+
+
+@dataclass
+class BackboneOutput:
+    patch_tokens: list[torch.Tensor]  # per layer (B, N, C_l), unit length, row-major over the grid
+    global_embedding: torch.Tensor  # (B, D), unit length
+    grid: tuple[int, int]  # (rows, cols), N = rows * cols
+
+
+class BackboneError(ValueError):
+    """Raised with a message that names the config, file or option to fix."""
+
+
+def list_backbones() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+def load_backbone_config(spec: str | dict | os.PathLike) -> dict:
+    """A config name from models/configs (e.g. 'tiny_clip'), a path to a JSON file, or a dict."""
+    if isinstance(spec, dict):
+        return dict(spec)
+    path = Path(spec)
+    if not path.suffix:
+        path = CONFIG_DIR / f"{spec}.json"
+    if not path.is_file():
+        raise BackboneError(
+            f"backbone config '{spec}' not found (looked for {path}); "
+            f"known names: {', '.join(list_backbones())}, or pass a path to a JSON file")
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    cfg.setdefault("name", path.stem)
+    return cfg
+
+
+class Backbone(nn.Module):
+    """Frozen extractor. Subclasses implement `_extract(x)` on mean/std-normalised input."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        self.config = config
+        self.layers: list[int] = list(config["layers"])
+        self.image_size: int = int(config["image_size"])
+        self.register_buffer("mean", torch.zeros(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.ones(1, 3, 1, 1), persistent=False)
+
+    def _set_normalisation(self, mean, std) -> None:
+        self.mean.copy_(torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.std.copy_(torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def _freeze(self) -> None:
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True):  # frozen: always in eval mode
+        return super().train(False)
+
+    # -- to implement -------------------------------------------------------------------
+    patch_size: int
+    layer_dims: list[int]
+    embed_dim: int
+
+    def _extract(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, tuple[int, int]]:
+        raise NotImplementedError
+
+    # -- public -------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> BackboneOutput:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"backbone expects images of shape (B, 3, H, W), got {tuple(images.shape)}")
+        h, w = images.shape[-2:]
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {self.patch_size}")
+        x = (images.to(self.mean.device, self.mean.dtype) - self.mean) / self.std
+        tokens, glob, grid = self._extract(x)
+        return BackboneOutput(
+            patch_tokens=[F.normalize(t.float(), dim=-1) for t in tokens],
+            global_embedding=F.normalize(glob.float(), dim=-1),
+            grid=grid,
+        )
+
+    def signature(self) -> dict[str, Any]:
+        """What a checkpoint must agree on: heads are only valid for the features they saw."""
+        return {
+            "name": self.config.get("name"),
+            "kind": self.config["kind"],
+            "model": self.config.get("model"),
+            "layers": self.layers,
+            "layer_dims": self.layer_dims,
+            "patch_size": self.patch_size,
+        }
+
