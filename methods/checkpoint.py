@@ -64,8 +64,11 @@ def check_backbones(stored: dict[str, dict], method: Method, path: str | Path = 
     mine = method.backbone_signatures()
     for role, sig in mine.items():
         old = stored.get(role, {})
-        if any(old.get(k) != sig.get(k) for k in FEATURE_KEYS):
-            desc = lambda s: f"{s.get('name')} ({s.get('kind')} {s.get('model')}, layers {s.get('layers')}, dims {s.get('layer_dims')})"
+        # the activation is recorded since the backbone package; older checkpoints lack it
+        activation = "quick_gelu" in old and old["quick_gelu"] != sig.get("quick_gelu")
+        if activation or any(old.get(k) != sig.get(k) for k in FEATURE_KEYS):
+            desc = lambda s: (f"{s.get('name')} ({s.get('kind')} {s.get('model')}, layers {s.get('layers')}, "
+                              f"dims {s.get('layer_dims')}, quick_gelu {s.get('quick_gelu')})")
             raise ValueError(f"{path} was trained with backbone {desc(old)}, but the requested backbone is "
                              f"{desc(sig)}; use the same backbone (FSAD_BACKBONE / --backbone) or retrain")
 
