@@ -2,7 +2,8 @@
 
 Images are squashed to size x size (no centre crop), masks the same way, so a map always lines
 up with its mask, also for VisA's non-square photos. Pixel values are in [0, 1]; each backbone
-applies its own mean/std.
+applies its own mean/std. Which image modes are read and how (16-bit, palette, alpha, non-zero
+masks) is in data/images.py.
 """
 from __future__ import annotations
 
@@ -12,9 +13,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
-
-from data.meta import DatasetError, validate_meta
+from data.images import read_image, read_mask, size_mismatch
+from data.meta import DatasetError, leaves_root, validate_meta
 from utils.io import read_json
 
 SPLITS = ("train", "test")
@@ -70,37 +70,33 @@ def select_k_shot(meta: dict, cls_name: str, k: int, seed: int) -> list[dict]:
     return [items[i] for i in sorted(rng.choice(len(items), size=k, replace=False))]
 
 
-def load_image(path: str | Path, size: int) -> torch.Tensor:
-    path = Path(path)
+def _image(path: Path, size: int | None) -> tuple[torch.Tensor, tuple[int, int]]:
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path} (listed in meta.json; regenerate meta.json if "
                                 f"the dataset moved)")
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB").resize((size, size), Image.BICUBIC)
-            arr = np.asarray(im, dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from e
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+    arr, wh = read_image(path, size)
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous(), wh
+
+
+def _mask(path: Path, size: int | None) -> tuple[torch.Tensor, tuple[int, int]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"mask not found: {path} (listed in meta.json for an anomalous image)")
+    arr, wh = read_mask(path, size)
+    return torch.from_numpy(arr.astype(np.float32)), wh
+
+
+def load_image(path: str | Path, size: int) -> torch.Tensor:
+    """(3, size, size) float RGB in [0, 1]; unreadable files and unsupported modes raise ValueError
+    naming the file."""
+    return _image(Path(path), size)[0]
 
 
 def load_mask(path: str | Path | None, size: int | None, fallback_hw: tuple[int, int] = (1, 1)) -> torch.Tensor:
-    """(H, W) float mask in {0, 1}; `size` None keeps the file's resolution."""
+    """(H, W) float mask in {0, 1}, 1 where the file is non-zero; `size` None keeps the file's resolution."""
     if not path:
         hw = (size, size) if size else fallback_hw
         return torch.zeros(hw)
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"mask not found: {path} (listed in meta.json for an anomalous image)")
-    try:
-        with Image.open(path) as im:
-            im = im.convert("L")
-            if size:
-                im = im.resize((size, size), Image.NEAREST)
-            arr = np.asarray(im) > 127
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"cannot read mask {path}: {e}") from e
-    return torch.from_numpy(arr.astype(np.float32))
+    return _mask(Path(path), size)[0]
 
 
 class AnomalyDataset(torch.utils.data.Dataset):
@@ -127,18 +123,26 @@ class AnomalyDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def _path(self, item: dict, key: str) -> Path:
+        # Items may come from the caller rather than a validated meta.json.
+        if leaves_root(item[key]):
+            raise ValueError(f"{item['img_path']!r}: {key} {item[key]!r} leaves the dataset root {self.root}")
+        return self.root / item[key]
+
     def load(self, item: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        img = load_image(self.root / item["img_path"], self.size)
-        mask_path = self.root / item["mask_path"] if item.get("mask_path") else None
+        img_path = self._path(item, "img_path")
+        mask_path = self._path(item, "mask_path") if item.get("mask_path") else None
         if item.get("anomaly", 0) and mask_path is None:
             raise ValueError(f"{item['img_path']}: anomalous item without a mask_path in meta.json")
-        return img, load_mask(mask_path, self.mask_size, fallback_hw=self._original_hw(item))
-
-    def _original_hw(self, item: dict) -> tuple[int, int]:
-        if self.mask_size:
-            return (self.mask_size, self.mask_size)
-        with Image.open(self.root / item["img_path"]) as im:
-            return im.size[1], im.size[0]
+        img, img_wh = _image(img_path, self.size)
+        if mask_path is None:
+            hw = (self.mask_size, self.mask_size) if self.mask_size else (img_wh[1], img_wh[0])
+            return img, torch.zeros(hw)
+        mask, mask_wh = _mask(mask_path, self.mask_size)
+        # Checked on the files' own sizes: resizing both to one size would hide a misaligned pair.
+        if mask_wh != img_wh:
+            raise ValueError(size_mismatch(mask_path, mask_wh, img_path, img_wh))
+        return img, mask
 
     def __getitem__(self, i: int) -> dict:
         item = self.items[i]

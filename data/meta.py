@@ -7,7 +7,7 @@ the dataset root with forward slashes, and mask_path is '' for normal images.
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from utils.io import atomic_write_json
 
@@ -54,6 +54,21 @@ def _is_rel_posix(value: object) -> bool:
             and not (len(value) > 1 and value[1] == ":"))
 
 
+def leaves_root(rel: str) -> bool:
+    """True when a relative path would point outside the dataset root: absolute, a drive, or more '..'
+    than folders above it. Lexical on purpose: symlinks inside the root are followed, since a dataset
+    root may legitimately link to folders stored elsewhere."""
+    p = PurePosixPath(rel)
+    if p.is_absolute() or (len(rel) > 1 and rel[1] == ":"):
+        return True
+    depth = 0
+    for part in p.parts:
+        depth += -1 if part == ".." else (0 if part == "." else 1)
+        if depth < 0:
+            return True
+    return False
+
+
 def _check_item(item: object, split: str, cls: str) -> str | None:
     if not isinstance(item, dict) or set(item) != set(ITEM_KEYS):
         return f"{split}/{cls}: item must have exactly the keys {', '.join(ITEM_KEYS)}: {item!r}"
@@ -66,6 +81,8 @@ def _check_item(item: object, split: str, cls: str) -> str | None:
         value = item[key]
         if not _is_rel_posix(value):
             return f"{where}: {key} must be a relative path with forward slashes, got {value!r}"
+        if leaves_root(value):
+            return f"{where}: {key} {value!r} leaves the dataset root; paths must stay inside it"
     if not item["img_path"]:
         return f"{split}/{cls}: empty img_path"
     if bool(item["anomaly"]) != bool(item["mask_path"]):
@@ -123,17 +140,23 @@ def write_meta(root: str | os.PathLike, meta: dict) -> tuple[Path, str]:
 
 
 def index_cli(build_meta, description: str, epilog: str, argv: list[str] | None = None) -> int:
-    """Command line shared by the dataset indexers: --root [--categories] -> meta.json."""
+    """Command line shared by the dataset indexers: --root [--categories] [--allow-empty-masks] -> meta.json.
+
+    Errors are one line on stderr (exit 1) and leave any existing meta.json untouched."""
     import argparse
     import sys
 
     parser = argparse.ArgumentParser(description=description, epilog=epilog)
     parser.add_argument("--root", required=True, type=Path, help="dataset root folder")
     parser.add_argument("--categories", nargs="+", metavar="CLS", help="categories to index (default: see below)")
+    parser.add_argument("--allow-empty-masks", action="store_true",
+                        help="index anomalous images whose mask has no non-zero pixel (they are named in a "
+                             "warning); by default such images stop the indexer")
     args = parser.parse_args(argv)
     try:
-        path, summary = write_meta(args.root, build_meta(args.root, args.categories))
-    except DatasetError as e:
+        meta = build_meta(args.root, args.categories, allow_empty_masks=args.allow_empty_masks)
+        path, summary = write_meta(args.root, meta)
+    except (DatasetError, OSError) as e:  # OSError: unreadable folders, meta.json not writable
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(summary)

@@ -11,6 +11,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python data/mvtec.py`: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from data.images import check_items  # noqa: E402
 from data.meta import DatasetError, index_cli, is_image, list_images, make_item, rel_posix  # noqa: E402
 
 MVTEC_CATEGORIES = (
@@ -67,14 +68,16 @@ def _category_items(root: Path, cls: str) -> tuple[list[dict], list[dict]]:
     return train, test
 
 
-def build_meta(root: str | Path, categories: list[str] | None = None) -> dict:
-    """meta.json content for an MVTec-layout dataset; raises DatasetError on layout problems."""
+def build_meta(root: str | Path, categories: list[str] | None = None, allow_empty_masks: bool = False) -> dict:
+    """meta.json content for an MVTec-layout dataset; raises DatasetError on layout problems, unreadable
+    images, masks of another size than their image and (unless allowed) empty masks."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"dataset root not found: {root} (expected a folder holding {LAYOUT_HINT})")
     meta: dict = {"train": {}, "test": {}}
     for cls in find_categories(root, categories):
         meta["train"][cls], meta["test"][cls] = _category_items(root, cls)
+    check_items(root, meta, allow_empty_masks)
     return meta
 
 
@@ -85,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         "(<cls>/train/good, <cls>/test/<defect>, <cls>/ground_truth/<defect>/NNN_mask.png).",
         "Without --categories, the official MVTec AD categories found under the root are used; "
         "if none is present, every folder with the MVTec layout (train/good and test) is used, "
-        "so this also indexes the synthetic datasets of data/synthetic.py and your own data.",
+        "so this also indexes the synthetic datasets of data/synthetic.py and your own data. "
+        "Every image must be readable, each mask must have its image's size and at least one non-zero "
+        "(defect) pixel.",
         argv)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import math
 import re
 import sys
@@ -152,8 +153,48 @@ class Run(NamedTuple):
     mean: dict
 
 
-def scan_runs(results_dir, model: str | None = None) -> list[Run]:
-    """All finished runs under results_dir (unreadable metrics.json are skipped)."""
+def _metric_problem(where: str, metrics) -> str | None:
+    """Why a metrics dict cannot be summarised, or None. Table metrics must be numbers in [0, 1] or
+    null (undefined); other keys (thresholds, timings) are not summarised and not checked."""
+    if not isinstance(metrics, dict):
+        return f"{where} is {type(metrics).__name__}, expected an object of metrics"
+    for key, _ in TABLE_METRICS:
+        v = metrics.get(key)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return f"{where}[{key!r}] is {v!r}, expected a number or null"
+        if not (math.isnan(v) or 0.0 <= v <= 1.0):  # NaN (json allows it) means undefined, like null
+            return f"{where}[{key!r}] is {v!r}, outside [0, 1]"
+    return None
+
+
+def read_run_metrics(path) -> tuple[dict | None, str]:
+    """(metrics.json content, '') when it can be summarised, else (None, the reason in one line)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        return None, f"cannot read it ({e.strerror or e})"
+    except UnicodeDecodeError:
+        return None, "not UTF-8 text"
+    except json.JSONDecodeError as e:
+        return None, f"not valid JSON ({e})"
+    if not isinstance(data, dict) or not isinstance(data.get("per_category"), dict):
+        return None, "no 'per_category' object (not a results file)"
+    for cls, m in data["per_category"].items():
+        problem = _metric_problem(f"per_category[{cls!r}]", m)
+        if problem:
+            return None, problem
+    if isinstance(data.get("mean"), dict):  # any other 'mean' is recomputed from per_category
+        problem = _metric_problem("mean", data["mean"])
+        if problem:
+            return None, problem
+    return data, ""
+
+
+def scan_runs(results_dir, model: str | None = None, skipped: list | None = None) -> list[Run]:
+    """All finished runs under results_dir. A metrics.json that cannot be summarised is skipped with a
+    warning naming it (never deleted or rewritten); `skipped` collects (path, reason) when given."""
     runs = []
     for f in sorted(Path(results_dir).glob("*/*/*/*/metrics.json")):
         seed_dir, shot_dir = f.parent, f.parent.parent
@@ -161,10 +202,12 @@ def scan_runs(results_dir, model: str | None = None) -> list[Run]:
         m_name, ds = shot_dir.parent.parent.name, shot_dir.parent.name
         if not (shot and seed) or (model is not None and m_name != model):
             continue
-        if not is_run_complete(seed_dir):
-            print(f"warning: skipping unreadable {f}", file=sys.stderr)
+        data, reason = read_run_metrics(f)
+        if data is None:
+            print(f"warning: skipping {f}: {reason}", file=sys.stderr)
+            if skipped is not None:
+                skipped.append((f, reason))
             continue
-        data = read_json(f)
         per_cat = data["per_category"]
         mean = data.get("mean")
         if not isinstance(mean, dict):
@@ -277,14 +320,16 @@ def category_table(runs: list[Run], model: str, dataset: str, shots: int) -> tup
     return md, _csv(["category", "seeds"] + _csv_metric_header(), csv_rows)
 
 
-def aggregate(results_dir, model: str | None = None, out=None, echo: bool = True) -> list[Path]:
+def aggregate(results_dir, model: str | None = None, out=None, echo: bool = True,
+              skipped: list | None = None) -> list[Path]:
     """Write <out>/<model>/paper.{md,csv} and <out>/<model>/<dataset>_<k>shot.{md,csv}.
 
-    out defaults to results_dir/summary.  Returns the written paths.
+    out defaults to results_dir/summary.  Returns the written paths; runs whose metrics.json cannot
+    be read are left out with a warning and listed in `skipped` (see scan_runs).
     """
     results_dir = Path(results_dir)
     out = Path(out) if out is not None else results_dir / "summary"
-    runs = scan_runs(results_dir, model)
+    runs = scan_runs(results_dir, model, skipped)
     written = []
     for mdl in sorted({r.model for r in runs}):
         md, text = paper_table(runs, mdl)
@@ -313,13 +358,20 @@ def main(argv=None) -> int:
     if not Path(args.results_dir).is_dir():
         print(f"error: results folder not found: {args.results_dir}", file=sys.stderr)
         return 2
-    written = aggregate(args.results_dir, args.model, args.out)
+    skipped: list = []
+    try:
+        written = aggregate(args.results_dir, args.model, args.out, skipped=skipped)
+    except OSError as e:  # e.g. the output folder is not writable
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    note = (f"; skipped {len(skipped)} run(s) whose metrics.json could not be read (named above)"
+            if skipped else "")
     if not written:
         print(f"error: no finished run (<model>/<dataset>/<k>shot/seed<s>/metrics.json) "
-              f"under {args.results_dir}" + (f" for model {args.model!r}" if args.model else ""),
+              f"under {args.results_dir}" + (f" for model {args.model!r}" if args.model else "") + note,
               file=sys.stderr)
         return 1
-    print(f"wrote {len(written)} files to {Path(written[0]).parent.parent}")
+    print(f"wrote {len(written)} files to {Path(written[0]).parent.parent}{note}")
     return 0
 
 

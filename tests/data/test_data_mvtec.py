@@ -21,7 +21,10 @@ SAMPLE = Path(os.environ.get("FSAD_SAMPLE_DATA", REPO.parent / "shared" / "data"
 
 def _img(path: Path, mode: str = "RGB") -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.zeros((8, 8, 3) if mode == "RGB" else (8, 8), np.uint8)).save(path)
+    arr = np.zeros((8, 8, 3) if mode == "RGB" else (8, 8), np.uint8)
+    if mode == "L":  # masks: one defect pixel, since empty masks are refused
+        arr[3, 4] = 255
+    Image.fromarray(arr).save(path)
 
 
 def _category(root: Path, name: str, defects=("crack",), mask_ext=".png") -> None:

@@ -30,11 +30,13 @@ def _write(root: Path, header: str = HEADER, rows=ROWS) -> Path:
     csv.parent.mkdir(parents=True, exist_ok=True)
     csv.write_text("\n".join([header, *rows]) + "\n")
     for row in rows:
-        for rel in row.split(",")[3:5]:
+        for col, rel in enumerate(row.split(",")[3:5]):
             if rel:
                 path = root / rel.replace("\\", "/")
                 path.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(np.zeros((6, 6), np.uint8)).save(path, format="PNG")
+                arr = np.zeros((6, 6), np.uint8)
+                arr[2, 3] = 255 * col  # masks (second column) get a defect pixel; empty masks are refused
+                Image.fromarray(arr).save(path, format="PNG")
     return csv
 
 
@@ -95,3 +97,18 @@ def test_cli(tmp_path, capsys):
     assert list(read_json(tmp_path / "meta.json")["test"]) == ["candle"]
     assert main(["--root", str(tmp_path / "nowhere")]) == 1
     assert str(tmp_path / "nowhere") in capsys.readouterr().err
+
+
+def test_surplus_fields_and_malformed_csv_are_named(tmp_path):
+    _write(tmp_path, rows=["candle,train,normal,candle/a.png,,surplus"])
+    with pytest.raises(DatasetError, match=r"1cls.csv line 2: 6 fields, expected 5"):
+        build_meta(tmp_path)
+    csv = tmp_path / "split_csv" / "1cls.csv"
+    csv.write_text(HEADER + "\ncandle,train,normal," + "x" * 200_000 + ",\n")  # over csv's field size limit
+    with pytest.raises(DatasetError, match=r"1cls.csv line \d+: malformed CSV"):
+        build_meta(tmp_path)
+
+
+def test_paths_are_normalised_inside_the_root(tmp_path):
+    _write(tmp_path, rows=["toy,train,normal,toy/./sub/../0.png,"])  # also creates toy/sub
+    assert build_meta(tmp_path)["train"]["toy"][0]["img_path"] == "toy/0.png"

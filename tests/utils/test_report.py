@@ -161,3 +161,39 @@ def test_cli_model_filter_and_errors(results, tmp_path, capsys):
     assert main(["aggregate", str(results), "--model", "nope"]) == 1
     assert main(["aggregate", str(tmp_path / "missing")]) == 2
     assert "no finished run" in capsys.readouterr().err
+
+
+def test_read_run_metrics_reasons(tmp_path):
+    from utils.report import read_run_metrics, scan_runs
+
+    f = tmp_path / "metrics.json"
+    cases = {
+        '{"per_category": {"a": {"i_auroc": "x"}}}': "per_category['a']['i_auroc'] is 'x', expected a number",
+        '{"per_category": {"a": {"p_ap": 1.5}}}': "outside [0, 1]",
+        '{"per_category": {"a": 3}}': "per_category['a'] is int",
+        '{"per_category": 3}': "no 'per_category' object",
+        "{": "not valid JSON",
+    }
+    for text, reason in cases.items():
+        f.write_text(text)
+        data, why = read_run_metrics(f)
+        assert data is None and reason in why and "\n" not in why, text
+    # null and NaN are undefined metrics; a 'mean' that is not an object is recomputed
+    f.write_text('{"per_category": {"a": {"i_auroc": null, "p_ap": NaN, "i_f1_threshold": "any"}}, "mean": 0}')
+    assert read_run_metrics(f) == (json.loads(f.read_text()), "")
+    run = run_dir(tmp_path / "res", "m", "d", 1, 0)
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text('{"per_category": {"a": {"i_auroc": [1]}}}')
+    skipped = []
+    assert scan_runs(tmp_path / "res", skipped=skipped) == []
+    assert skipped == [(run / "metrics.json", "per_category['a']['i_auroc'] is [1], expected a number or null")]
+
+
+def test_aggregate_reports_skipped_runs(results, capsys):
+    skipped = []
+    aggregate(results, echo=False, skipped=skipped)
+    assert [p.parent.name for p, _ in skipped] == ["seed9"]  # the fixture's interrupted run
+    assert main(["aggregate", str(results)]) == 0
+    captured = capsys.readouterr()
+    assert "skipped 1 run(s) whose metrics.json could not be read" in captured.out
+    assert f"warning: skipping {results / 'm1' / 'mvtec' / '1shot' / 'seed9' / 'metrics.json'}" in captured.err
