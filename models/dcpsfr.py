@@ -510,8 +510,11 @@ class DCPSFRHeads(nn.Module):
                  use_acl: bool = True, use_ssr: bool = True, adapter: bool = True, amp_gain: float = 8.0,
                  amp_hidden: int = 8, rec_temperature: float = REC_TEMPERATURE, global_hidden: int = 64,
                  kappa_hidden: int = 8, p_min: float = 0.001, p_max: float = 0.2, p_init: float = 0.02,
-                 topk_temperature: float = 1.0, calib_slope: float = 10.0, calib_threshold: float = 0.3):
+                 topk_temperature: float = 1.0, calib_slope: float = 10.0, calib_threshold: float = 0.3,
+                 init: str = "identity"):
         super().__init__()
+        if init not in ("identity", "scratch"):
+            raise ValueError(f"init must be 'identity' or 'scratch', got {init!r}")
         if not (use_acl or use_ssr):
             raise ValueError("without ACL and SSR there is no segmentation score")
         self.clip_dim, self.n_clip_layers, self.dino_dim = clip_dim, n_clip_layers, dino_dim
@@ -523,6 +526,11 @@ class DCPSFRHeads(nn.Module):
         self.calibration = ScoreCalibration(calib_slope, calib_threshold)
         self.global_score = GlobalScore(dino_dim, global_hidden, rec_temperature)
         self.local_score = LocalScore(kappa_hidden, p_min, p_max, p_init, topk_temperature)
+        if init == "scratch":  # the paper's "trained from scratch": PyTorch's default init everywhere
+            for part in (self.caca, self.acl, self.global_score.attention):
+                for m in (part.modules() if part is not None else ()):
+                    if isinstance(m, (nn.Linear, nn.Conv2d)):
+                        m.reset_parameters()
 
     def forward(self, clip_tokens: Sequence[torch.Tensor] | None, text_features: torch.Tensor | None,
                 dino_tokens: torch.Tensor, dino_cls: torch.Tensor, ref_mean: torch.Tensor | None,

@@ -277,23 +277,39 @@ def _exclusion_text(runs: list[Run]) -> str:
     return "; ".join(parts)
 
 
+def _summary(runs: list[Run], with_model: bool) -> tuple[list, list, list]:
+    """Rows (shots, dataset[, model]) of mean±std over seeds of each run's category mean."""
+    groups: dict[tuple, list[Run]] = {}
+    for r in runs:
+        groups.setdefault((r.shots, r.dataset, r.model) if with_model else (r.shots, r.dataset), []).append(r)
+    md_rows, csv_rows, notes = [], [], []
+    for key, rs in sorted(groups.items()):
+        shots, ds, mdl = key[0], key[1], rs[0].model
+        md, num = _metric_cells([r.mean for r in rs])
+        md_rows.append([str(shots), ds] + ([mdl] if with_model else []) + [str(len(rs))] + md)
+        csv_rows.append([mdl, shots, ds, len(rs)] + num)
+        ex = _exclusion_text(rs)
+        if ex:
+            notes.append(f"- {shots}-shot {ds}{' ' + mdl if with_model else ''}: n/a categories left out of the "
+                         f"mean: {ex}")
+    return md_rows, csv_rows, notes
+
+
 def paper_table(runs: list[Run], model: str) -> tuple[str, str]:
     """(markdown, csv): rows (shots, dataset), cells mean±std over seeds of the
     category-mean of each run."""
-    groups: dict[tuple[int, str], list[Run]] = {}
-    for r in runs:
-        if r.model == model:
-            groups.setdefault((r.shots, r.dataset), []).append(r)
-    md_rows, csv_rows, notes = [], [], []
-    for (shots, ds), rs in sorted(groups.items()):
-        md, num = _metric_cells([r.mean for r in rs])
-        md_rows.append([str(shots), ds, str(len(rs))] + md)
-        csv_rows.append([model, shots, ds, len(rs)] + num)
-        ex = _exclusion_text(rs)
-        if ex:
-            notes.append(f"- {shots}-shot {ds}: n/a categories left out of the mean: {ex}")
+    md_rows, csv_rows, notes = _summary([r for r in runs if r.model == model], with_model=False)
     md = _github(md_rows, ["shots", "dataset", "seeds"] + [h for _, h in TABLE_METRICS])
     md = f"# {model}\n\n{md}\n\n{_SUMMARY_NOTE}\n" + "".join(n + "\n" for n in notes)
+    return md, _csv(["model", "shots", "dataset", "seeds"] + _csv_metric_header(), csv_rows)
+
+
+def comparison_table(runs: list[Run]) -> tuple[str, str]:
+    """(markdown, csv): every model side by side, rows (shots, dataset, model), so a trained
+    method's row stands next to the training-free baseline's."""
+    md_rows, csv_rows, notes = _summary(runs, with_model=True)
+    md = _github(md_rows, ["shots", "dataset", "model", "seeds"] + [h for _, h in TABLE_METRICS])
+    md = f"# All models\n\n{md}\n\n{_SUMMARY_NOTE}\n" + "".join(n + "\n" for n in notes)
     return md, _csv(["model", "shots", "dataset", "seeds"] + _csv_metric_header(), csv_rows)
 
 
@@ -322,7 +338,8 @@ def category_table(runs: list[Run], model: str, dataset: str, shots: int) -> tup
 
 def aggregate(results_dir, model: str | None = None, out=None, echo: bool = True,
               skipped: list | None = None) -> list[Path]:
-    """Write <out>/<model>/paper.{md,csv} and <out>/<model>/<dataset>_<k>shot.{md,csv}.
+    """Write <out>/<model>/paper.{md,csv} and <out>/<model>/<dataset>_<k>shot.{md,csv}, and with
+    several models <out>/comparison.{md,csv} (all of them side by side).
 
     out defaults to results_dir/summary.  Returns the written paths; runs whose metrics.json cannot
     be read are left out with a warning and listed in `skipped` (see scan_runs).
@@ -331,6 +348,11 @@ def aggregate(results_dir, model: str | None = None, out=None, echo: bool = True
     out = Path(out) if out is not None else results_dir / "summary"
     runs = scan_runs(results_dir, model, skipped)
     written = []
+    if len({r.model for r in runs}) > 1:
+        md, text = comparison_table(runs)
+        written += [atomic_write_text(out / "comparison.md", md), atomic_write_text(out / "comparison.csv", text)]
+        if echo:
+            print(md)
     for mdl in sorted({r.model for r in runs}):
         md, text = paper_table(runs, mdl)
         written += [atomic_write_text(out / mdl / "paper.md", md),

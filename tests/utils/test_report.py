@@ -108,7 +108,7 @@ def test_aggregate_paper_table(results, capsys):
     written = aggregate(results)
     out = results / "summary"
     assert sorted(p.relative_to(out).as_posix() for p in written) == [
-        "m1/mvtec_1shot.csv", "m1/mvtec_1shot.md", "m1/mvtec_2shot.csv", "m1/mvtec_2shot.md",
+        "comparison.csv", "comparison.md", "m1/mvtec_1shot.csv", "m1/mvtec_1shot.md", "m1/mvtec_2shot.csv", "m1/mvtec_2shot.md",
         "m1/paper.csv", "m1/paper.md", "m2/paper.csv", "m2/paper.md",
         "m2/visa_1shot.csv", "m2/visa_1shot.md"]
     md = (out / "m1" / "paper.md").read_text()
@@ -131,6 +131,15 @@ def test_aggregate_paper_table(results, capsys):
 
     m2 = md_rows((out / "m2" / "paper.md").read_text())
     assert m2["1"][-1] == "n/a" and m2["1"][3] == "50.0"
+
+    # several models: one table with every model's rows side by side, the same cells as their own
+    both = [line.split("|")[1:-1] for line in (out / "comparison.md").read_text().splitlines()
+            if line.startswith("| ") and "shots" not in line]
+    both = [[c.strip() for c in row] for row in both]
+    assert [r[:3] for r in both] == [["1", "mvtec", "m1"], ["1", "visa", "m2"], ["2", "mvtec", "m1"]]
+    assert both[0][3:] == rows[0][2:] and both[2][3:] == rows[1][2:]
+    one = aggregate(results, model="m1", out=results / "only_m1", echo=False)
+    assert one and not any(p.name.startswith("comparison") for p in one)  # one model: nothing to compare
 
 
 def test_aggregate_per_category_table(results):
