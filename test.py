@@ -120,7 +120,7 @@ def _finished(run_dir: Path, cfg: TestConfig, method_name: str) -> bool:
     stored = read_json(run_dir / "config.json", "results config")
     if stored_method(stored) != method_name:
         raise ValueError(f"{run_dir} holds results of method '{stored_method(stored)}', not '{method_name}'; "
-                         f"use another model_name (or --results-root)")
+                         f"use another model_name")
     diff = differing_keys(stored.get("test", {}), to_dict(cfg), RESULT_KEYS)
     if cfg.checkpoint and Path(cfg.checkpoint).is_file():  # heads retrained with other settings under the same path
         ckpt = read_checkpoint(cfg.checkpoint)

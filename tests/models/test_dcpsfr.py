@@ -480,3 +480,16 @@ def test_loss_seg_terms_are_on_the_upsampled_map_and_cue_term_skips_without_caca
     p_t = torch.where(masks > 0, up, 1 - up)
     w = torch.where(masks > 0, 0.9, 0.1)
     torch.testing.assert_close(parts["seg_focal"], (-w * (1 - p_t) ** 2 * torch.log(p_t)).mean())
+
+
+def test_init_identity_or_from_scratch():
+    """identity (default): attention and adapters start as the identity, so the untrained model is a
+    training-free matcher; scratch: PyTorch's default init, the paper's literal 'trained from scratch'."""
+    torch.manual_seed(0)
+    ident = DCPSFRHeads(8, 2, 6)
+    scratch = DCPSFRHeads(8, 2, 6, init="scratch")
+    for heads, same in ((ident, True), (scratch, False)):
+        for lin in (heads.acl.layers[0].q, heads.global_score.attention.v, heads.caca.adapters[1]):
+            assert torch.equal(lin.weight, torch.eye(lin.weight.shape[0])) is same
+    with pytest.raises(ValueError, match="init must be"):
+        DCPSFRHeads(8, 2, 6, init="random")
