@@ -84,10 +84,6 @@ class Method(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.heads.parameters() if p.requires_grad] if self.heads is not None else []
 
-    def train(self, mode: bool = True):
-        # backbones stay frozen in eval mode whatever the caller asks (Backbone.train enforces it)
-        return super().train(mode)
-
     # -- inference options -------------------------------------------------------------------
     def configure(self, options: InferenceOptions) -> None:
         if options.winmode != "nan":
