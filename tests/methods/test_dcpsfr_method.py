@@ -173,3 +173,18 @@ def test_training_free_knn_evaluates_without_a_checkpoint(datasets, tmp_path):
                                 method=MethodConfig(name="knn", backbone="tiny_clip")))
     with pytest.raises(ValueError, match="must be trained first"):
         test_script.evaluate(TestConfig(**{**cfg.__dict__, "method": "fdsl", "model_name": "y"}))
+
+
+@pytest.mark.slow
+def test_dcpsfr_training_resumes_to_the_same_state(datasets, tmp_path):
+    cfg = TrainConfig(data_root=str(datasets[0]), dataset="aux", out_dir=str(tmp_path), classes=["tiles"],
+                      method=MethodConfig(name="dcpsfr", backbone=TINY), epochs=2, batch_size=4, train_k_shot=2,
+                      seed=3, augment="crop")
+    reference = read_checkpoint(train.train(cfg))["state"]
+    (tmp_path / "epoch_2.pth").unlink()  # interrupted after epoch 1
+    resumed = read_checkpoint(train.train(cfg))
+    assert resumed["epoch"] == 2 and set(resumed["state"]) == set(reference)
+    assert any(k.startswith("prompts.ctx") for k in reference)  # the prompts are part of the checkpoint
+    assert not any("text_encoder" in k or k.startswith("backbones") for k in reference)  # the frozen parts are not
+    for k, v in reference.items():
+        torch.testing.assert_close(resumed["state"][k], v, msg=k)
