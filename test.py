@@ -28,7 +28,7 @@ from methods.checkpoint import load_method, read_checkpoint
 from utils import report
 from utils.cli import error_report, run_cli
 from utils.config import MethodConfig, TestConfig, as_json, differing_keys, resolve_device, to_dict, validate_test
-from utils.io import check_writable, read_json
+from utils.io import OutputError, check_writable, read_json
 from utils.lock import RunLock
 from utils.metrics import compute_category_metrics
 
@@ -145,15 +145,25 @@ def results_dir(cfg: TestConfig) -> Path:
     return report.run_dir(cfg.results_root, cfg.model_name, cfg.dataset, cfg.k_shot, cfg.seed)
 
 
-def check_output(cfg: TestConfig) -> None:
-    """Refuse a results folder that cannot be written, before any model is built."""
-    check_writable(results_dir(cfg), "results folder")
+def check_output(cfg: TestConfig, force: bool = False) -> bool:
+    """Refuse a results folder that cannot be written, before any model is built. True when it cannot
+    be written but holds this run finished already: nothing to write (e.g. a read-only archive)."""
+    run_dir = results_dir(cfg)
+    try:
+        check_writable(run_dir, "results folder")
+    except OutputError:
+        if force or not _finished(run_dir, cfg, requested_method(cfg)):
+            raise
+        return True
+    return False
 
 
 def evaluate(cfg: TestConfig, force: bool = False) -> Path:
     run_dir = results_dir(cfg)
     method_name = requested_method(cfg)
-    check_output(cfg)
+    if check_output(cfg, force):
+        log.info("already evaluated (read-only folder): %s", run_dir)
+        return run_dir
     with RunLock(run_dir, "results folder", REUSE_HINT):
         if not force and _finished(run_dir, cfg, method_name):
             log.info("already evaluated: %s", run_dir)

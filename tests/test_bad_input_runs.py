@@ -301,6 +301,16 @@ def test_unwritable_output_folder_is_refused_first(datasets, tmp_path, immutable
     assert files(tmp_path) == ({"a_file": b"x"} if how == "parent_is_a_file" else {})
 
 
+def test_finished_run_in_a_read_only_folder_is_still_skipped(datasets, finished, tmp_path, immutable):
+    results = tmp_path / "archive"
+    shutil.copytree(finished[0], results)
+    immutable(run_folder(results))
+    before = files(results)
+    res = run(*knn_test_args(datasets[1], results))
+    assert res.returncode == 0 and "already evaluated (read-only folder)" in res.stderr, res.stderr
+    assert files(results) == before
+
+
 def test_indexer_on_an_unwritable_root_names_meta_json(datasets, tmp_path, immutable):
     root = tmp_path / "data"
     shutil.copytree(datasets[1] / "candle", root / "candle")

@@ -67,7 +67,8 @@ def describe(holder: dict | None) -> str:
 
 def _read(fd: int) -> dict | None:
     try:
-        data = json.loads(os.pread(fd, 65536, 0).decode("utf-8"))
+        os.lseek(fd, 0, os.SEEK_SET)
+        data = json.loads(os.read(fd, 65536).decode("utf-8"))
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
@@ -141,7 +142,8 @@ class RunLock:
               "start_ticks": _start_ticks(os.getpid()), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
         data = json.dumps(me).encode("utf-8")
         os.ftruncate(fd, 0)
-        os.pwrite(fd, data, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, data)
         return True
 
     def _refusal(self, holder: dict | None) -> RunLockedError:
