@@ -56,6 +56,8 @@ def parse_positional(args: list[str]) -> Launch:
                     _num("win-weight", weight, float), _num("seed", seed, int), _num("kshots", k, int))
     if launch.k_shot < 1:
         raise ValueError(f"argument kshots: expected >= 1, got {launch.k_shot}")
+    if launch.seed < 0:
+        raise ValueError(f"argument seed: expected >= 0, got {launch.seed}")
     return launch
 
 
@@ -226,6 +228,9 @@ def run(mode: str, args: list[str]) -> None:
             if not Path(spec.root).is_dir():
                 raise FileNotFoundError(f"{spec.name} dataset root not found: {spec.root} (set {spec.root_env} "
                                         f"to the folder that holds meta.json)")
+        if mode == "train_and_test" and plan.cls.trainable:  # output folders: writable before any work
+            train_script.check_output(train_config(launch, plan, train_set))
+        test_script.check_output(test_config(launch, plan, train_set, test_set))
     check_before_training(launch, plan, plans)
     if mode == "train_and_test" and plan.cls.trainable:
         for train_set, _ in plans:

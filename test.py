@@ -4,7 +4,8 @@
     python test.py --data-root DIR --dataset visa --method knn --backbone tiny_clip   # training-free
 
 Writes results/<model_name>/<dataset>/<k>shot/seed<s>/{config.json, metrics.json, table.md}
-and skips a run whose metrics.json already exists (use --force to redo it).
+and skips a run whose metrics.json already exists (use --force to redo it). The results folder is
+locked while a run uses it: a second run into it is refused, naming the holder.
 """
 from __future__ import annotations
 
@@ -25,9 +26,10 @@ from methods import create_method, list_methods, resolve_method_config
 from methods.base import InferenceOptions, Method
 from methods.checkpoint import load_method, read_checkpoint
 from utils import report
-from utils.cli import run_cli
+from utils.cli import error_report, run_cli
 from utils.config import MethodConfig, TestConfig, as_json, differing_keys, resolve_device, to_dict, validate_test
-from utils.io import read_json
+from utils.io import OutputError, check_writable, read_json
+from utils.lock import RunLock
 from utils.metrics import compute_category_metrics
 
 log = logging.getLogger("fdsl.test")
@@ -114,13 +116,17 @@ def build_method(cfg: TestConfig, device) -> tuple[Method, dict]:
                     "epoch": None, "train_config": {}}
 
 
+# What a refused results folder can be answered with, from test.py and from the launchers alike
+REUSE_HINT = "use another model_name (test.py --model-name, launchers: their first argument)"
+
+
 def _finished(run_dir: Path, cfg: TestConfig, method_name: str) -> bool:
     if not report.is_run_complete(run_dir):
         return False
     stored = read_json(run_dir / "config.json", "results config")
     if stored_method(stored) != method_name:
         raise ValueError(f"{run_dir} holds results of method '{stored_method(stored)}', not '{method_name}'; "
-                         f"use another model_name")
+                         f"{REUSE_HINT}")
     diff = differing_keys(stored.get("test", {}), to_dict(cfg), RESULT_KEYS)
     if cfg.checkpoint and Path(cfg.checkpoint).is_file():  # heads retrained with other settings under the same path
         ckpt = read_checkpoint(cfg.checkpoint)
@@ -129,34 +135,60 @@ def _finished(run_dir: Path, cfg: TestConfig, method_name: str) -> bool:
             diff.append("the checkpoint's training")
     if diff:
         raise ValueError(f"{run_dir} holds results of another configuration (differs in {', '.join(diff)}); "
-                         f"use another model_name or --force to overwrite")
+                         f"{REUSE_HINT} or delete that folder to redo it")
     return True
 
 
-def evaluate(cfg: TestConfig, force: bool = False) -> Path:
+def results_dir(cfg: TestConfig) -> Path:
+    """The run's results folder, after checking the settings that name it (seed, k, ...)."""
     validate_test(cfg)
-    run_dir = report.run_dir(cfg.results_root, cfg.model_name, cfg.dataset, cfg.k_shot, cfg.seed)
+    return report.run_dir(cfg.results_root, cfg.model_name, cfg.dataset, cfg.k_shot, cfg.seed)
+
+
+def check_output(cfg: TestConfig, force: bool = False) -> bool:
+    """Refuse a results folder that cannot be written, before any model is built. True when it cannot
+    be written but holds this run finished already: nothing to write (e.g. a read-only archive)."""
+    run_dir = results_dir(cfg)
+    try:
+        check_writable(run_dir, "results folder")
+    except OutputError:
+        if force or not _finished(run_dir, cfg, requested_method(cfg)):
+            raise
+        return True
+    return False
+
+
+def evaluate(cfg: TestConfig, force: bool = False) -> Path:
+    run_dir = results_dir(cfg)
     method_name = requested_method(cfg)
-    if not force and _finished(run_dir, cfg, method_name):
-        log.info("already evaluated: %s", run_dir)
+    if check_output(cfg, force):
+        log.info("already evaluated (read-only folder): %s", run_dir)
         return run_dir
+    with RunLock(run_dir, "results folder", REUSE_HINT):
+        if not force and _finished(run_dir, cfg, method_name):
+            log.info("already evaluated: %s", run_dir)
+            return run_dir
+        return _evaluate_locked(cfg, run_dir)
+
+
+def _evaluate_locked(cfg: TestConfig, run_dir: Path) -> Path:
     device = resolve_device(cfg.device)
     root = Path(cfg.data_root)
     meta = load_meta(root)
     classes = categories(meta, cfg.classes, "test")
     for cls in classes:  # fail before any work when k is too large anywhere
         select_k_shot(meta, cls, cfg.k_shot, cfg.seed)
-    torch.manual_seed(cfg.seed)
-    method, ckpt = build_method(cfg, device)
-    method.configure(inference_options(cfg))
-    per_category, info = {}, {}
-    run_dir.mkdir(parents=True, exist_ok=True)
+    # from here on the run does real work: log.txt records it, and the error that stops it
     handler = logging.FileHandler(run_dir / "log.txt", mode="w", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     log.addHandler(handler)
     level = log.level
     log.setLevel(logging.INFO)  # the run's log file is complete whatever the caller's logging setup
     try:
+        torch.manual_seed(cfg.seed)
+        method, ckpt = build_method(cfg, device)
+        method.configure(inference_options(cfg))
+        per_category, info = {}, {}
         log.info("method %s, checkpoint %s (epoch %s), %d categories", method.name, cfg.checkpoint or "none",
                  ckpt["epoch"], len(classes))
         for cls in tqdm(classes, desc=f"{cfg.dataset} {cfg.k_shot}-shot seed {cfg.seed}"):
@@ -164,48 +196,71 @@ def evaluate(cfg: TestConfig, force: bool = False) -> Path:
             m = per_category[cls]
             log.info("%s: i-AUROC %.4f p-AUROC %.4f p-AUPRO %.4f, %.3f s/image, references %s", cls, m["i_auroc"],
                      m["p_auroc"], m["p_aupro"], info[cls]["seconds_per_image"], info[cls]["references"])
+        config = {"test": to_dict(cfg), "method": ckpt["method_config"], "backbones": ckpt["backbones"],
+                  "checkpoint_epoch": ckpt["epoch"], "train": ckpt.get("train_config", {}),
+                  "references": {c: info[c]["references"] for c in classes}}
+        seconds = [info[c]["seconds_per_image"] for c in classes]
+        table = report.write_run(run_dir, config, per_category,
+                                 extra={"seconds_per_image": float(np.mean(seconds)), "categories": info})
+    except BaseException as e:
+        # straight to the file: the caller prints the error (run_cli) or shows the traceback
+        handler.handle(logging.makeLogRecord({"msg": error_report(e), "levelno": logging.ERROR,
+                                              "levelname": "ERROR"}))
+        raise
     finally:
         log.setLevel(level)
         log.removeHandler(handler)
         handler.close()
-    config = {"test": to_dict(cfg), "method": ckpt["method_config"], "backbones": ckpt["backbones"],
-              "checkpoint_epoch": ckpt["epoch"], "train": ckpt.get("train_config", {}),
-              "references": {c: info[c]["references"] for c in classes}}
-    seconds = [info[c]["seconds_per_image"] for c in classes]
-    table = report.write_run(run_dir, config, per_category,
-                             extra={"seconds_per_image": float(np.mean(seconds)), "categories": info})
     print(f"\n{cfg.model_name} | {cfg.dataset} | {cfg.k_shot}-shot | seed {cfg.seed}\n{table}\n-> {run_dir}")
     return run_dir
 
 
-def parse_args(argv=None) -> tuple[TestConfig, bool]:
+def build_parser() -> argparse.ArgumentParser:
     d = TestConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-root", required=True, help="dataset folder holding meta.json")
-    p.add_argument("--dataset", default=d.dataset, help="name used in the results path")
-    p.add_argument("--checkpoint", default="", help="epoch_N.pth written by train.py (not for training-free methods)")
+    p.add_argument("--data-root", required=True, help="dataset folder holding meta.json (required)")
+    p.add_argument("--dataset", default=d.dataset, help="name used in the results path (default: %(default)s)")
+    p.add_argument("--checkpoint", default="", help="epoch_N.pth written by train.py (default: none, for "
+                   "training-free methods)")
     p.add_argument("--method", default=None, help=f"one of {', '.join(list_methods())}; with --checkpoint it must "
                    f"be the checkpoint's method (default: the checkpoint's)")
-    p.add_argument("--results-root", default=d.results_root, help="default: %(default)s")
+    p.add_argument("--results-root", default=d.results_root, help="folder of all results (default: %(default)s)")
     p.add_argument("--model-name", default=d.model_name, help="results folder name (default: %(default)s)")
     p.add_argument("--classes", nargs="*", default=None, help="categories to test (default: all)")
     p.add_argument("--backbone", default=None, help="backbone config(s), NAME or role=NAME,...: override the "
-                   "checkpoint's (must match it) or choose a training-free method's")
-    p.add_argument("--pretrained", default=None, help="weights tag or local file, same syntax, e.g. on another machine")
+                   "checkpoint's (must match it) or choose a training-free method's (default: the checkpoint's, "
+                   "else the method config's)")
+    p.add_argument("--pretrained", default=None, help="weights tag or local file, same syntax, e.g. on another "
+                   "machine (default: the checkpoint's, else the backbone config's)")
     p.add_argument("--image-size", type=int, default=None, help="input side in pixels (default: the checkpoint's)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--k-shot", type=int, default=d.k_shot)
-    p.add_argument("--winmode", default=d.winmode, choices=("nan", "mul", "onlywin"))
-    p.add_argument("--win-size", type=int, default=d.win_size, help="window side in patches")
-    p.add_argument("--win-stride", type=int, default=d.win_stride, help="window stride in patches")
-    p.add_argument("--win-weight", type=float, default=d.win_weight)
+    p.add_argument("--seed", type=int, default=d.seed, help="picks the k-shot references; an integer >= 0 "
+                   "(default: %(default)s)")
+    p.add_argument("--k-shot", type=int, default=d.k_shot, help="normal reference images per category "
+                   "(default: %(default)s)")
+    p.add_argument("--winmode", default=d.winmode, choices=("nan", "mul", "onlywin"), help="nan: whole image; "
+                   "mul: whole image blended with windows; onlywin: windows only (default: %(default)s)")
+    p.add_argument("--win-size", type=int, default=d.win_size, help="window side in patches (default: %(default)s)")
+    p.add_argument("--win-stride", type=int, default=d.win_stride, help="window stride in patches "
+                   "(default: %(default)s)")
+    p.add_argument("--win-weight", type=float, default=d.win_weight, help="weight w of the windows in mul: "
+                   "(1 - w) * whole + w * windows (default: %(default)s)")
     p.add_argument("--image-index", default=d.image_index, choices=("off", "windows", "all"),
-                   help="where matching uses only the most similar reference (image-feature index)")
-    p.add_argument("--eval-size", type=int, default=d.eval_size, help="metric resolution; 0 = mask resolution")
-    p.add_argument("--fpr-limit", type=float, default=d.fpr_limit, help="AUPRO integration limit")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--device", default=d.device, help="cpu or a CUDA index")
-    p.add_argument("--force", action="store_true", help="redo a finished run")
+                   help="where matching uses only the most similar reference (image-feature index) "
+                        "(default: %(default)s)")
+    p.add_argument("--eval-size", type=int, default=d.eval_size, help="metric resolution; 0 = mask resolution "
+                   "(default: %(default)s)")
+    p.add_argument("--fpr-limit", type=float, default=d.fpr_limit, help="AUPRO integration limit "
+                   "(default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="test images per forward "
+                   "(default: %(default)s)")
+    p.add_argument("--device", default=d.device, help="cpu or a CUDA index (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="redo a finished run, overwriting its results "
+                   "(default: off)")
+    return p
+
+
+def parse_args(argv=None) -> tuple[TestConfig, bool]:
+    p = build_parser()
     a = vars(p.parse_args(argv))
     force = a.pop("force")
     return TestConfig(**a), force

@@ -2,8 +2,9 @@
 
     python train.py --method fdsl --data-root DIR --dataset mvtec --out-dir results/fdsl/checkpoints/train_mvtec/seed0
 
-Checkpoints `epoch_N.pth` are written after every epoch; a rerun resumes from the last one and
-does nothing when the last epoch exists.
+Checkpoints `epoch_N.pth` are written after every epoch; a rerun resumes from the last readable one
+(a damaged last epoch is redone, saying so) and does nothing when the last epoch exists. The folder is
+locked while a run uses it: a second run into it is refused, naming the holder.
 """
 from __future__ import annotations
 
@@ -23,10 +24,11 @@ from tqdm import tqdm
 from data.dataset import AnomalyDataset, categories, load_image, load_meta, make_augmentation, select_k_shot
 from methods import METHODS, create_method, list_methods, resolve_method_config
 from methods.base import Method
-from methods.checkpoint import check_backbones, checkpoint_payload, read_checkpoint
-from utils.cli import run_cli
-from utils.config import MethodConfig, TrainConfig, differing_keys, resolve_device, to_dict
-from utils.io import atomic_torch_save, atomic_write_json
+from methods.checkpoint import DamagedCheckpointError, check_backbones, checkpoint_payload, read_checkpoint
+from utils.cli import error_report, run_cli
+from utils.config import MethodConfig, TrainConfig, check_seed, differing_keys, resolve_device, to_dict
+from utils.io import atomic_torch_save, atomic_write_json, check_writable
+from utils.lock import RunLock
 
 log = logging.getLogger("fdsl.train")
 
@@ -35,10 +37,31 @@ def checkpoint_path(out_dir: str | Path, epoch: int) -> Path:
     return Path(out_dir) / f"epoch_{epoch}.pth"
 
 
-def last_checkpoint(out_dir: str | Path) -> tuple[int, Path | None]:
-    found = [(int(m.group(1)), p) for p in Path(out_dir).glob("epoch_*.pth")
-             if (m := re.fullmatch(r"epoch_(\d+)\.pth", p.name))]
-    return max(found) if found else (0, None)
+def epoch_checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
+    """(epoch, path) of every epoch_N.pth in out_dir, newest first."""
+    return sorted(((int(m.group(1)), p) for p in Path(out_dir).glob("epoch_*.pth")
+                   if (m := re.fullmatch(r"epoch_(\d+)\.pth", p.name))), reverse=True)
+
+
+def note(out_dir: Path, line: str) -> None:
+    """A line in the checkpoint folder's train_log.txt, next to the per-epoch lines."""
+    with open(out_dir / "train_log.txt", "a", encoding="utf-8") as f:
+        f.write(line.rstrip("\n") + "\n")
+
+
+def last_good_checkpoint(out_dir: Path) -> tuple[int, Path | None, dict | None]:
+    """The newest epoch whose checkpoint can be read. A damaged one (a crash or a full disk while it
+    was copied) is skipped, saying so in the log and in train_log.txt; training redoes its epoch."""
+    found = epoch_checkpoints(out_dir)
+    for epoch, path in found:
+        try:
+            return epoch, path, read_checkpoint(path)
+        except DamagedCheckpointError as e:
+            older = next((p.name for n, p in found if n < epoch), None)
+            msg = f"{e}; falling back to {older or 'epoch 0 (training starts over)'}"
+            log.warning("%s", msg)
+            note(out_dir, f"warning: {msg}")
+    return 0, None, None
 
 
 # Settings that change the trained heads: a checkpoint folder written with other values is not
@@ -47,9 +70,9 @@ TRAIN_KEYS = ("data_root", "classes", "method", "seed", "batch_size", "lr", "bet
               "mosaic_p", "crop_p", "crop_plus", "max_steps")
 
 
-def check_same_run(ckpt_path: Path, cfg: TrainConfig, method: str) -> dict:
+def check_same_run(ckpt_path: Path, cfg: TrainConfig, method: str, ckpt: dict | None = None) -> dict:
     """The checkpoint, after checking it belongs to this configuration."""
-    ckpt = read_checkpoint(ckpt_path)
+    ckpt = read_checkpoint(ckpt_path) if ckpt is None else ckpt
     if ckpt["method"] != method:
         raise ValueError(f"{ckpt_path.parent} holds a training run of method '{ckpt['method']}', not "
                          f"'{method}'; use another out-dir (launchers: another model_name) or delete it")
@@ -87,14 +110,30 @@ def resolve_training(cfg: TrainConfig) -> tuple[TrainConfig, dict]:
     return cfg, method_cfg
 
 
+OUT_DIR_HINT = "use another out-dir (launchers: another model_name)"
+
+
+def check_output(cfg: TrainConfig) -> None:
+    """Refuse an out-dir that cannot be written, before any model is built."""
+    check_writable(cfg.out_dir, "checkpoint folder")
+
+
 def train(cfg: TrainConfig) -> Path:
     if cfg.epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {cfg.epochs}")
+    check_seed(cfg.seed)
     device = resolve_device(cfg.device)
     cfg, method_cfg = resolve_training(cfg)
+    check_output(cfg)
+    with RunLock(cfg.out_dir, "checkpoint folder", OUT_DIR_HINT):
+        return _train_locked(cfg, method_cfg, device)
+
+
+def _train_locked(cfg: TrainConfig, method_cfg: dict, device) -> Path:
     out_dir = Path(cfg.out_dir)
-    done, last = last_checkpoint(out_dir)
-    ckpt = check_same_run(last, cfg, method_cfg["method"]) if done else None
+    done, last, ckpt = last_good_checkpoint(out_dir)
+    if ckpt is not None:
+        check_same_run(last, cfg, method_cfg["method"], ckpt)
     if done >= cfg.epochs:
         wanted = checkpoint_path(out_dir, cfg.epochs)
         log.info("already trained: %s", wanted if wanted.is_file() else last)
@@ -102,7 +141,15 @@ def train(cfg: TrainConfig) -> Path:
     root = Path(cfg.data_root)
     meta = load_meta(root)
     classes = categories(meta, cfg.classes, "test")
+    try:
+        return _fit(cfg, method_cfg, device, out_dir, root, meta, classes, done, last, ckpt)
+    except BaseException as e:
+        note(out_dir, error_report(e))  # the log of a failed run says what stopped it
+        raise
 
+
+def _fit(cfg: TrainConfig, method_cfg: dict, device, out_dir: Path, root: Path, meta: dict, classes: list[str],
+         done: int, last: Path | None, ckpt: dict | None) -> Path:
     torch.manual_seed(cfg.seed)  # head initialisation
     method = create_method(method_cfg, device)
     optimizer = torch.optim.Adam(method.trainable_parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
@@ -110,12 +157,11 @@ def train(cfg: TrainConfig) -> Path:
         check_backbones(ckpt["backbones"], method, last)
         method.heads.load_state_dict(ckpt["state"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        log.info("resuming after epoch %d", done)
+        log.info("resuming after epoch %d (%s)", done, last.name)
 
     states = fit_references(method, root, meta, classes, cfg.train_k_shot, cfg.seed)
     dataset = AnomalyDataset(root, "test", method.image_size, classes, seed=cfg.seed,
                              augment=make_augmentation(cfg.augment, cfg.mosaic_p, cfg.crop_p, cfg.crop_plus))
-    out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "train_config.json", to_dict(cfg))
     method.train()
     for epoch in range(done, cfg.epochs):
@@ -136,8 +182,7 @@ def train(cfg: TrainConfig) -> Path:
         mean_loss = sum(losses) / max(len(losses), 1)
         path = atomic_torch_save(checkpoint_path(out_dir, epoch + 1),
                                  checkpoint_payload(method, epoch + 1, optimizer, to_dict(cfg)))
-        with open(out_dir / "train_log.txt", "a", encoding="utf-8") as f:
-            f.write(f"epoch {epoch + 1} loss {mean_loss:.6f} steps {len(losses)} seconds {time.time() - t0:.1f}\n")
+        note(out_dir, f"epoch {epoch + 1} loss {mean_loss:.6f} steps {len(losses)} seconds {time.time() - t0:.1f}")
         log.info("epoch %d/%d loss %.4f -> %s", epoch + 1, cfg.epochs, mean_loss, path)
     return checkpoint_path(out_dir, cfg.epochs)
 
@@ -156,31 +201,45 @@ def parse_params(items: list[str]) -> dict:
     return out
 
 
-def parse_args(argv=None) -> TrainConfig:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = TrainConfig()
-    p.add_argument("--data-root", required=True, help="dataset folder holding meta.json")
-    p.add_argument("--dataset", default=d.dataset, help="name used in logs and folders")
-    p.add_argument("--out-dir", required=True, help="checkpoint folder")
+    p.add_argument("--data-root", required=True, help="dataset folder holding meta.json (required)")
+    p.add_argument("--dataset", default=d.dataset, help="name used in logs and folders (default: %(default)s)")
+    p.add_argument("--out-dir", required=True, help="checkpoint folder; must be writable, one run at a time "
+                   "(required)")
     p.add_argument("--classes", nargs="*", default=None, help="categories to train on (default: all)")
     p.add_argument("--method", default="fdsl", help=f"one of {', '.join(list_methods())} or a method JSON "
                    f"(default: %(default)s)")
     p.add_argument("--backbone", default=None, help="backbone config name(s): NAME replaces the method's first "
                    "backbone, role=NAME[,role=NAME] any (default: the method config's)")
-    p.add_argument("--pretrained", default=None, help="weights tag or local file, same syntax ('none' = random)")
+    p.add_argument("--pretrained", default=None, help="weights tag or local file, same syntax ('none' = random; "
+                   "default: each backbone config's)")
     p.add_argument("--image-size", type=int, default=None, help="input side in pixels (default: the backbone's)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=JSON",
-                   help="method parameter override, e.g. --param use_nam=false (repeatable)")
-    p.add_argument("--use-nam", type=int, choices=(0, 1), default=None, help="fdsl: shorthand for --param use_nam")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=None, help="default: the method config's")
-    p.add_argument("--train-k-shot", type=int, default=d.train_k_shot)
-    p.add_argument("--augment", default=d.augment, choices=("mosaic", "crop", "none"))
-    p.add_argument("--workers", type=int, default=d.workers)
-    p.add_argument("--device", default=d.device, help="cpu or a CUDA index")
-    p.add_argument("--max-steps", type=int, default=None, help="batches per epoch (smoke tests)")
+                   help="method parameter override, e.g. --param use_nam=false (repeatable; default: none)")
+    p.add_argument("--use-nam", type=int, choices=(0, 1), default=None,
+                   help="fdsl: shorthand for --param use_nam (default: the method config's)")
+    p.add_argument("--seed", type=int, default=d.seed, help="head initialisation, augmentation, shuffling and "
+                   "the training references; an integer >= 0 (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="epochs in total; a rerun with more continues "
+                   "the same run (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: the method config's)")
+    p.add_argument("--train-k-shot", type=int, default=d.train_k_shot,
+                   help="normal references per category while training (default: %(default)s)")
+    p.add_argument("--augment", default=d.augment, choices=("mosaic", "crop", "none"),
+                   help="training augmentation: mosaic (MVTec), crop (VisA) or none (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=d.workers, help="DataLoader worker processes "
+                   "(default: %(default)s)")
+    p.add_argument("--device", default=d.device, help="cpu or a CUDA index (default: %(default)s)")
+    p.add_argument("--max-steps", type=int, default=None, help="batches per epoch, for smoke tests "
+                   "(default: the whole epoch)")
+    return p
+
+
+def parse_args(argv=None) -> TrainConfig:
+    p = build_parser()
     a = p.parse_args(argv)
     params = parse_params(a.param)
     if a.use_nam is not None:

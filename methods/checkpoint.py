@@ -5,6 +5,8 @@ is refused by another method and by other backbones, naming both.
 """
 from __future__ import annotations
 
+import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -41,16 +43,53 @@ def _from_legacy(ckpt: dict) -> dict:
             "backbones": {"backbone": ckpt.get("backbone", {})}, "state": ckpt.get("heads", {})}
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message is one line naming the file."""
+
+
+class DamagedCheckpointError(CheckpointError):
+    """Empty, truncated or otherwise unreadable: training falls back to the epoch before."""
+
+
+def _load(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # Only a GLOBAL (a reference to a class or function) can bring code along; torch's text
+        # suggests weights_only=False, i.e. running it: never repeat that. Other refusals of torch's
+        # safe unpickler (unknown opcodes, ...) mean garbage: handled as damage below.
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        if found:
+            raise CheckpointError(f"{path} is not a plain tensor checkpoint: it holds pickled Python objects or "
+                                  f"code (it references {found.group(1)}), and is refused because loading it "
+                                  f"could run that code; use a checkpoint written by train.py") from None
+        return _damaged(path, e)
+    except Exception as e:  # torch reports damage as RuntimeError, EOFError, KeyError, ... by format
+        return _damaged(path, e)
+
+
+def _damaged(path: Path, e: Exception):
+    size = path.stat().st_size
+    if size == 0:
+        raise DamagedCheckpointError(f"cannot read checkpoint {path}: the file is empty") from None
+    # torch's RuntimeError names what broke (e.g. the zip directory); other types say little
+    detail = f"; {str(e).split('. ')[0].splitlines()[0]}" if isinstance(e, RuntimeError) and str(e) else ""
+    raise DamagedCheckpointError(f"cannot read checkpoint {path}: the file is damaged, truncated or not a "
+                                 f"torch checkpoint ({size} bytes{detail})") from None
+
+
 def read_checkpoint(path: str | Path) -> dict:
+    """The checkpoint's content; CheckpointError (one line naming the file) when it is damaged, holds
+    pickled code or is not a method checkpoint of this codebase."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path} (train first with train.py or "
                                 f"trainAndTest.sh, or pass --checkpoint)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = _load(path)
     if isinstance(ckpt, dict) and ckpt.get("format") == LEGACY_FDSL:
         return _from_legacy(ckpt)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a method checkpoint of this codebase (expected format '{FORMAT}')")
+        raise CheckpointError(f"{path} is not a method checkpoint of this codebase (expected format '{FORMAT}')")
     return ckpt
 
 

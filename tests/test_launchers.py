@@ -74,6 +74,7 @@ def test_window_and_k_arguments_are_checked_before_training(env, tmp_path):
     (["fdsl", "cpu", "1", "max", "13", "2", "0.5", "0", "1"], "winmode: expected one of nan, mul, onlywin"),
     (["fdsl", "cpu", "1", "nan", "x", "2", "0.5", "0", "1"], "win-size: expected an integer"),
     (["fdsl", "cpu", "1", "nan", "13", "2", "0.5", "0", "0"], "kshots: expected >= 1"),
+    (["fdsl", "cpu", "1", "nan", "13", "2", "0.5", "-1", "1"], "seed: expected >= 0, got -1"),
 ])
 def test_bad_arguments_are_named(args, message):
     with pytest.raises(ValueError, match=message):

@@ -75,7 +75,15 @@ class TestConfig:
     device: str = "cpu"
 
 
+def check_seed(seed: int) -> None:
+    """One rule for every entry point: seeds are integers >= 0. A negative seed would name a folder
+    'seed-1' that the aggregator does not read, so it is refused before anything is written."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+
+
 def validate_test(cfg: TestConfig) -> None:
+    check_seed(cfg.seed)
     if cfg.winmode not in WINMODES:
         raise ValueError(f"winmode must be one of {WINMODES}, got '{cfg.winmode}'")
     if cfg.image_index not in IMAGE_INDEX:

@@ -11,8 +11,13 @@ from typing import Any, Callable
 
 def _atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        # name the file the caller asked for, not the hidden temporary one
+        e.filename = str(path)
+        raise
     os.close(fd)
     try:
         write(Path(tmp))
@@ -21,6 +26,30 @@ def _atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+class OutputError(OSError):
+    """An output folder that cannot be used (not writable, or held by another run); the message is one
+    line naming the folder, so entry points print it without a traceback."""
+
+
+def check_writable(folder: str | os.PathLike, what: str = "output folder") -> None:
+    """Raise OutputError unless `folder` exists as a writable folder or could be created: called before
+    the expensive work, so a run does not stop at its first write after hours of compute."""
+    folder = Path(os.path.abspath(folder))
+    existing = folder
+    try:
+        while not existing.exists():
+            existing = existing.parent
+        is_dir = existing.is_dir()
+    except OSError as e:  # e.g. a parent that cannot be searched
+        raise OutputError(f"cannot write the {what} {folder}: {e.strerror or e}") from None
+    if not is_dir:
+        raise OutputError(f"cannot write the {what} {folder}: {existing} is a file, not a folder")
+    # W_OK is also False on a read-only file system or an immutable folder, even for root
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == folder else f" ({existing} is the nearest existing folder)"
+        raise OutputError(f"cannot write the {what} {folder}: permission denied or read-only{where}")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
