@@ -55,6 +55,8 @@ def _check_name(what: str, name) -> str:
 
 def run_dir(results_root, model_name: str, dataset: str, k_shot: int, seed: int) -> Path:
     """``results_root/<model>/<dataset>/<k>shot/seed<s>``."""
+    if int(seed) < 0 or int(k_shot) < 1:  # 'seed-1' would not be found by the aggregator
+        raise ValueError(f"seed must be an integer >= 0 and k-shot >= 1, got seed {seed}, k-shot {k_shot}")
     return (Path(results_root) / _check_name("model_name", model_name)
             / _check_name("dataset", dataset) / f"{int(k_shot)}shot" / f"seed{int(seed)}")
 

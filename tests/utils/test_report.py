@@ -206,3 +206,9 @@ def test_aggregate_reports_skipped_runs(results, capsys):
     captured = capsys.readouterr()
     assert "skipped 1 run(s) whose metrics.json could not be read" in captured.out
     assert f"warning: skipping {results / 'm1' / 'mvtec' / '1shot' / 'seed9' / 'metrics.json'}" in captured.err
+
+
+def test_run_dir_refuses_a_negative_seed(tmp_path):
+    assert run_dir(tmp_path, "m", "d", 2, 0) == tmp_path / "m" / "d" / "2shot" / "seed0"
+    with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+        run_dir(tmp_path, "m", "d", 1, -1)
