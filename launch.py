@@ -6,6 +6,13 @@ Train on MVTec AD -> test on VisA; train on VisA -> test on MVTec AD. The method
 dcpsfr or knn), paths, backbone and schedule come from environment variables (README,
 "Launchers"), so the nine positional arguments stay those of the authors' scripts. A
 training-free method (knn) skips training and is tested on both datasets.
+
+Folders: the heads go to results/<model_name>/checkpoints/train_<dataset>_<method tag>/seed<train
+seed>/, shared by every test configuration of those heads; results go to
+results/<model_name>_<settings tag>/<dataset>/<k>shot/seed<seed>/, where the tag names every test
+setting that changes numbers (e.g. fdsl_nam1_mul-w13s2x0.5-idxwin). The seed argument chooses the
+test references; the heads are trained with FSAD_TRAIN_SEED (111, the authors' fixed seed), so one
+checkpoint serves every test seed.
 """
 from __future__ import annotations
 
@@ -15,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from utils.cli import run_cli
-from utils.config import WINMODES, MethodConfig, TestConfig, TrainConfig
+from utils.config import WINMODES, MethodConfig, TestConfig, TrainConfig, effective_test_settings, to_dict
 
 POSITIONAL = ("model_name", "device", "useNAM", "winmode", "win-size", "win-stride", "win-weight", "seed", "kshots")
 USAGE = ("usage: bash trainAndTest.sh|test_few_shot.sh model_name device useNAM winmode win-size win-stride "
@@ -154,14 +161,77 @@ def epochs(plan: MethodPlan, train_set: DatasetSpec) -> int:
     return _env_int(f"EPOCHS_{train_set.key.upper()}", default)
 
 
+AUTHORS_TRAIN_SEED = 111  # the authors' train.py seeds every run with it; their seed argument only reached test.py
+
+
+def train_seed_setting() -> str:
+    """FSAD_TRAIN_SEED as given: an integer, or 'same' (train with the launcher's seed argument, one
+    set of heads per test seed)."""
+    value = _env("TRAIN_SEED", str(AUTHORS_TRAIN_SEED)).lower()
+    if value != "same":
+        try:
+            value = str(int(value))
+        except ValueError:
+            key = next((k for k in _keys("TRAIN_SEED") if os.environ.get(k, "").strip()), "FSAD_TRAIN_SEED")
+            raise ValueError(f"environment variable {key}: expected an integer or 'same', got '{value}'") from None
+    return value
+
+
+def train_seed(launch: Launch) -> int:
+    value = train_seed_setting()
+    return launch.seed if value == "same" else int(value)
+
+
 def checkpoint_dir(launch: Launch, plan: MethodPlan, train_set: DatasetSpec) -> Path:
     tag = plan.cls.checkpoint_tag(plan.config)
-    return results_root() / plan.folder / "checkpoints" / f"train_{train_set.name}_{tag}" / f"seed{launch.seed}"
+    return (results_root() / plan.folder / "checkpoints" / f"train_{train_set.name}_{tag}"
+            / f"seed{train_seed(launch)}")
+
+
+DEFAULT_EVAL_SIZE = 240  # the authors' metric resolution
+_INDEX_TAG = {"off": "off", "windows": "win", "all": "all"}
+
+
+def test_settings(launch: Launch) -> dict:
+    """The test settings that change numbers besides the heads, as TestConfig fields."""
+    return {"winmode": launch.winmode, "win_size": launch.win_size, "win_stride": launch.win_stride,
+            "win_weight": launch.win_weight, "image_index": _env("IMAGE_INDEX", "windows"),
+            "eval_size": _env_int("EVAL_SIZE", DEFAULT_EVAL_SIZE)}
+
+
+def settings_tag(launch: Launch, plan: MethodPlan) -> str:
+    """Names the results of one test configuration: the heads' tag (fdsl: nam0/nam1), the windows
+    and the index as they are used (`nan` ignores window settings), and the evaluation size and
+    training seed when not the defaults. One model_name then holds several configurations."""
+    s = effective_test_settings(test_settings(launch))
+    parts = []
+    if plan.cls.checkpoint_tag(plan.config) != plan.cls.name:
+        parts.append(plan.cls.checkpoint_tag(plan.config))
+    win = s["winmode"]
+    if win != "nan":
+        win += f"-w{s['win_size']}s{s['win_stride']}"
+        if s["win_weight"] is not None:
+            win += f"x{s['win_weight']:g}"
+    if win != "nan" or s["image_index"] == "all":
+        win += f"-idx{_INDEX_TAG[s['image_index']]}"
+    parts.append(win)
+    if s["eval_size"] != DEFAULT_EVAL_SIZE:
+        parts.append(f"eval{s['eval_size']}" if s["eval_size"] else "evalfull")
+    seed = train_seed_setting()
+    if plan.cls.trainable and seed != str(AUTHORS_TRAIN_SEED):
+        parts.append(f"trainseed{'-same' if seed == 'same' else seed}")
+    return "_".join(parts)
+
+
+def results_folder(launch: Launch, plan: MethodPlan) -> str:
+    """results/<this>/<dataset>/<k>shot/seed<s>: one level, as utils.report.scan_runs expects."""
+    return f"{plan.folder}_{settings_tag(launch, plan)}"
 
 
 def train_config(launch: Launch, plan: MethodPlan, train_set: DatasetSpec) -> TrainConfig:
     return TrainConfig(data_root=train_set.root, dataset=train_set.name,
-                       out_dir=str(checkpoint_dir(launch, plan, train_set)), method=plan.request, seed=launch.seed,
+                       out_dir=str(checkpoint_dir(launch, plan, train_set)), method=plan.request,
+                       seed=train_seed(launch),
                        epochs=epochs(plan, train_set), batch_size=_env_int("BATCH_SIZE", 8),
                        train_k_shot=_env_int("TRAIN_K_SHOT", 10), augment=train_set.augment, device=launch.device,
                        workers=_env_int("WORKERS", 0), max_steps=_env_int("MAX_STEPS"))
@@ -171,10 +241,8 @@ def test_config(launch: Launch, plan: MethodPlan, train_set: DatasetSpec, test_s
     trained = plan.cls.trainable
     ckpt = checkpoint_dir(launch, plan, train_set) / f"epoch_{epochs(plan, train_set)}.pth" if trained else ""
     return TestConfig(data_root=test_set.root, dataset=test_set.name, checkpoint=str(ckpt), method=plan.request.name,
-                      results_root=str(results_root()), model_name=plan.folder, seed=launch.seed,
-                      k_shot=launch.k_shot, winmode=launch.winmode, win_size=launch.win_size,
-                      win_stride=launch.win_stride, win_weight=launch.win_weight,
-                      image_index=_env("IMAGE_INDEX", "windows"), eval_size=_env_int("EVAL_SIZE", 240),
+                      results_root=str(results_root()), model_name=results_folder(launch, plan), seed=launch.seed,
+                      k_shot=launch.k_shot, **test_settings(launch),
                       batch_size=_env_int("BATCH_SIZE", 8), device=launch.device,
                       # trained: None = what the checkpoint was trained with (e.g. weights at another path
                       # here); training-free: the method config's unless set
@@ -212,6 +280,22 @@ def check_before_training(launch: Launch, plan: MethodPlan, plans) -> None:
                                                        win_stride=launch.win_stride))
 
 
+def check_folders(mode: str, launch: Launch, plan: MethodPlan, plans, train_script, test_script) -> None:
+    """Conflicts with what is on disk, before any training: a checkpoint folder trained with other
+    settings (train.py's check_same_run), and a results folder of this settings tag holding another
+    configuration, compared with what the checkpoint will record once trained (test.py's check)."""
+    for train_set, test_set in plans:
+        training = None
+        if plan.cls.trainable:
+            cfg, method_cfg = train_script.resolve_training(train_config(launch, plan, train_set))
+            done, last = train_script.last_checkpoint(cfg.out_dir)
+            if done:
+                train_script.check_same_run(last, cfg, method_cfg["method"])
+            if mode == "train_and_test" and done < cfg.epochs:
+                training = (to_dict(cfg), cfg.epochs)  # train.py stores exactly this in the checkpoint
+        test_script.check_results_folder(test_config(launch, plan, train_set, test_set), training)
+
+
 def run(mode: str, args: list[str]) -> None:
     from utils.config import resolve_device, validate_test
 
@@ -232,6 +316,7 @@ def run(mode: str, args: list[str]) -> None:
             train_script.check_output(train_config(launch, plan, train_set))
         test_script.check_output(test_config(launch, plan, train_set, test_set))
     check_before_training(launch, plan, plans)
+    check_folders(mode, launch, plan, plans, train_script, test_script)
     if mode == "train_and_test" and plan.cls.trainable:
         for train_set, _ in plans:
             train_script.train(train_config(launch, plan, train_set))

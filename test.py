@@ -27,7 +27,8 @@ from methods.base import InferenceOptions, Method
 from methods.checkpoint import load_method, read_checkpoint
 from utils import report
 from utils.cli import error_report, run_cli
-from utils.config import MethodConfig, TestConfig, as_json, differing_keys, resolve_device, to_dict, validate_test
+from utils.config import (MethodConfig, TestConfig, as_json, differing_keys, effective_test_settings,
+                          resolve_device, to_dict, validate_test)
 from utils.io import OutputError, check_writable, read_json
 from utils.lock import RunLock
 from utils.metrics import compute_category_metrics
@@ -120,23 +121,34 @@ def build_method(cfg: TestConfig, device) -> tuple[Method, dict]:
 REUSE_HINT = "use another model_name (test.py --model-name, launchers: their first argument)"
 
 
-def _finished(run_dir: Path, cfg: TestConfig, method_name: str) -> bool:
+def _finished(run_dir: Path, cfg: TestConfig, method_name: str, training: tuple[dict, int] | None = None) -> bool:
+    """`training`: (train_config, epoch) the checkpoint will hold once trained (launchers, before
+    training); by default read from the checkpoint when it exists."""
     if not report.is_run_complete(run_dir):
         return False
     stored = read_json(run_dir / "config.json", "results config")
     if stored_method(stored) != method_name:
         raise ValueError(f"{run_dir} holds results of method '{stored_method(stored)}', not '{method_name}'; "
                          f"{REUSE_HINT}")
-    diff = differing_keys(stored.get("test", {}), to_dict(cfg), RESULT_KEYS)
-    if cfg.checkpoint and Path(cfg.checkpoint).is_file():  # heads retrained with other settings under the same path
+    # settings the winmode ignores are not compared (nan with other window sizes: the same numbers)
+    diff = differing_keys(effective_test_settings(stored.get("test", {})), effective_test_settings(to_dict(cfg)),
+                          RESULT_KEYS)
+    if training is None and cfg.checkpoint and Path(cfg.checkpoint).is_file():
         ckpt = read_checkpoint(cfg.checkpoint)
-        if as_json(ckpt.get("train_config", {})) != stored.get("train") \
-                or ckpt["epoch"] != stored.get("checkpoint_epoch"):
+        training = ckpt.get("train_config", {}), ckpt["epoch"]
+    if training is not None:  # heads retrained with other settings under the same path
+        if as_json(training[0]) != stored.get("train") or training[1] != stored.get("checkpoint_epoch"):
             diff.append("the checkpoint's training")
     if diff:
         raise ValueError(f"{run_dir} holds results of another configuration (differs in {', '.join(diff)}); "
                          f"{REUSE_HINT} or delete that folder to redo it")
     return True
+
+
+def check_results_folder(cfg: TestConfig, training: tuple[dict, int] | None = None) -> bool:
+    """The reuse check of `evaluate`, for launchers to call before any training: raises when the
+    results folder holds another configuration; True when this run is already finished."""
+    return _finished(results_dir(cfg), cfg, requested_method(cfg), training)
 
 
 def results_dir(cfg: TestConfig) -> Path:

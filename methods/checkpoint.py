@@ -5,6 +5,7 @@ is refused by another method and by other backbones, naming both.
 """
 from __future__ import annotations
 
+import logging
 import pickle
 import re
 from pathlib import Path
@@ -110,6 +111,23 @@ def check_backbones(stored: dict[str, dict], method: Method, path: str | Path = 
                               f"dims {s.get('layer_dims')}, quick_gelu {s.get('quick_gelu')})")
             raise ValueError(f"{path} was trained with backbone {desc(old)}, but the requested backbone is "
                              f"{desc(sig)}; use the same backbone (FSAD_BACKBONE / --backbone) or retrain")
+        _check_weights_and_size(role, old, sig, path)
+
+
+def _check_weights_and_size(role: str, old: dict, sig: dict, path) -> None:
+    """Other weights are refused (compared by content hash, so the same file elsewhere is fine);
+    another input size is a deliberate test setting (--image-size) and only warned about. Both are
+    recorded since the weights identity was added; older checkpoints are not checked."""
+    was, now = old.get("weights"), sig.get("weights") or {}
+    if isinstance(was, dict) and was.get("sha256") != now.get("sha256"):
+        raise ValueError(f"{path} was trained on the {role} weights '{was.get('source')}' (sha256 "
+                         f"{str(was.get('sha256'))[:12]}), but the weights loaded now, '{now.get('source')}', "
+                         f"differ in content (sha256 {str(now.get('sha256'))[:12]}); pass the training weights "
+                         f"(FSAD_PRETRAINED / --pretrained: the same file at another path is fine) or retrain")
+    if "image_size" in old and old["image_size"] != sig.get("image_size"):
+        logging.getLogger("fdsl.checkpoint").warning(
+            "%s was trained at %s px, the %s backbone now runs at %s px: the heads see features of another "
+            "scale", path, old["image_size"], role, sig.get("image_size"))
 
 
 def load_method(path: str | Path, device="cpu", method: str | None = None, backbone: str | None = None,

@@ -15,6 +15,7 @@ from methods.base import InferenceOptions, Method
 from models.backbones import Backbone, BackboneOutput
 from models.lfe import WindowBank, WindowScorer, blend
 from models.memory import ReferenceBank, align_to_banks
+from models.modes import in_eval_mode
 from models.scoring import maps_and_scores
 
 ROLE = "backbone"  # the one backbone of a patch-matching method
@@ -78,6 +79,7 @@ class PatchMatchingMethod(Method):
         return PatchState(bank, self.windows.build_bank(images) if self.windows is not None else None)
 
     @torch.no_grad()
+    @in_eval_mode  # BatchNorm in the heads: running statistics whatever mode the caller left
     def predict_whole(self, images: torch.Tensor, bank: ReferenceBank, out_size: tuple[int, int],
                       use_image_index: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Whole-image path: anomaly maps (B, *out_size) and scores (B,)."""
@@ -87,6 +89,7 @@ class PatchMatchingMethod(Method):
         return maps_and_scores(self.whole_layer_maps(feats, aligned), out_size)
 
     @torch.no_grad()
+    @in_eval_mode
     def predict(self, images: torch.Tensor, state: PatchState, out_size: tuple[int, int]):
         o = self.options
         whole_map = whole_score = None

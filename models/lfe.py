@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 
 from models.memory import most_similar_reference, nearest_neighbours
+from models.modes import in_eval_mode
 from models.scoring import maps_and_scores
 
 BLEND_MODES = ("nan", "mul", "onlywin")
@@ -257,6 +258,10 @@ class WindowScorer:
     def device(self) -> torch.device:
         return self.method.backbone.mean.device
 
+    @property
+    def eval_module(self):  # what in_eval_mode switches: the method, whose heads score the windows
+        return self.method
+
     def layout(self, grid: tuple[int, int]) -> WindowLayout:
         return WindowLayout.make(grid, self.win_size, self.win_stride)
 
@@ -294,6 +299,7 @@ class WindowScorer:
         return self.bank.nbytes() if self.bank is not None else 0
 
     @torch.no_grad()
+    @in_eval_mode
     def window_layer_maps(self, images: torch.Tensor, bank: Optional[WindowBank] = None) -> torch.Tensor:
         """(L, B, rows, cols) stitched anomaly maps per layer, after the method's refinement (NAM).
 
@@ -316,6 +322,7 @@ class WindowScorer:
         return self.method.refine_stitched(average_windows(sums, layout, B))
 
     @torch.no_grad()
+    @in_eval_mode
     def predict(self, images: torch.Tensor, out_size: tuple[int, int],
                 bank: Optional[WindowBank] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Window anomaly maps (B, *out_size) and window scores (B,)."""

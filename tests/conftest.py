@@ -37,3 +37,38 @@ def trained(datasets, tmp_path_factory):
     cfg = TrainConfig(data_root=str(datasets[0]), dataset="aux", out_dir=str(out),
                       method=MethodConfig(backbone="tiny_clip"), epochs=24, batch_size=8, train_k_shot=4, seed=0)
     return train.train(cfg)
+
+
+def recompute_run_metrics(run_dir) -> dict:
+    """The per-category metrics of a finished run, recomputed outside test.py's loop from what its
+    config.json records (checkpoint, settings, the references it used): a results file that does not
+    describe what the checkpoint computes on those references fails against this."""
+    import json
+
+    import torch
+
+    from data.dataset import AnomalyDataset, load_image, load_meta
+    from methods.base import InferenceOptions
+    from methods.checkpoint import load_method
+    from utils.metrics import compute_category_metrics
+
+    config = json.loads((Path(run_dir) / "config.json").read_text())
+    t = config["test"]
+    assert t["eval_size"] > 0, "recompute_run_metrics needs a fixed eval size"
+    method, _ = load_method(t["checkpoint"], backbone=t["backbone"], pretrained=t["pretrained"],
+                            image_size=t["image_size"])
+    method.configure(InferenceOptions(winmode=t["winmode"], win_size=t["win_size"], win_stride=t["win_stride"],
+                                      win_weight=t["win_weight"], image_index=t["image_index"]))
+    root = Path(t["data_root"])
+    meta = load_meta(root)
+    out = {}
+    for cls, refs in config["references"].items():
+        state = method.fit(torch.stack([load_image(root / r, method.image_size) for r in refs]), refs)
+        ds = AnomalyDataset(root, "test", method.image_size, items=meta["test"][cls], mask_size=t["eval_size"])
+        samples = [ds[i] for i in range(len(ds))]
+        maps, raw = method.predict(torch.stack([s["image"] for s in samples]), state, (t["eval_size"],) * 2)
+        masks = torch.stack([s["mask"] for s in samples]).numpy() > 0.5
+        labels = torch.tensor([s["label"] for s in samples]).numpy()
+        out[cls] = compute_category_metrics(labels, method.image_scores(raw, maps).numpy(), masks, maps.numpy(),
+                                            fpr_limit=t["fpr_limit"])
+    return out

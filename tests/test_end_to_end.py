@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import train
-from conftest import load_test_script
+from conftest import load_test_script, recompute_run_metrics
 from data.dataset import AnomalyDataset, load_image, load_meta, select_k_shot
 from methods import create_method, resolve_method_config
 from methods.checkpoint import load_method, read_checkpoint
@@ -72,8 +72,14 @@ def test_evaluation_writes_results_and_is_reproducible(datasets, trained, tmp_pa
     metrics = json.loads((run / "metrics.json").read_text())
     config = json.loads((run / "config.json").read_text())
     assert set(metrics["per_category"]) == {"candle", "wood_board"}
-    for m in metrics["per_category"].values():
-        assert 0.0 <= m["p_auroc"] <= 1.0 and 0.0 <= m["i_auroc"] <= 1.0 and 0.0 <= m["p_aupro"] <= 1.0
+    # trained heads localise the unseen dataset's defects (about 0.9 pixel AUROC, 0.65 AUPRO when written)
+    for cls, m in metrics["per_category"].items():
+        assert m["p_auroc"] > 0.8 and m["p_aupro"] > 0.5, (cls, m)
+    assert metrics["mean"]["i_auroc"] > 0.8, metrics["mean"]
+    # and metrics.json describes what the checkpoint computes on the recorded references
+    for cls, m in recompute_run_metrics(run).items():
+        for key in ("i_auroc", "i_ap", "p_auroc", "p_ap", "p_aupro"):
+            assert metrics["per_category"][cls][key] == pytest.approx(m[key], abs=1e-6), (cls, key)
     refs = config["references"]["candle"]
     assert len(refs) == 2 and len(set(refs)) == 2
     assert config["test"]["k_shot"] == 2 and config["backbones"]["backbone"]["name"] == "tiny_clip"

@@ -138,6 +138,19 @@ def as_json(obj):
     return json.loads(json.dumps(obj))
 
 
+def effective_test_settings(test: dict) -> dict:
+    """A test configuration (as a dict) with the settings its winmode ignores made canonical, so two
+    runs that compute the same numbers compare equal: `nan` uses no window setting and the index
+    only with image_index 'all'; `onlywin` has no blend weight and no whole-image pass."""
+    t = dict(test)
+    mode, index = t.get("winmode", "nan"), t.get("image_index", "windows")
+    if mode == "nan":
+        t.update(win_size=None, win_stride=None, win_weight=None, image_index="all" if index == "all" else "off")
+    elif mode == "onlywin":
+        t.update(win_weight=None, image_index="off" if index == "off" else "windows")
+    return t
+
+
 def differing_keys(stored: dict, current: dict, keys) -> list[str]:
     """Keys whose values differ between a stored and a current configuration."""
     a, b = as_json(stored), as_json(current)

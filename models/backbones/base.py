@@ -2,6 +2,7 @@
 `models/configs/` and the frozen base class whose subclasses implement `_extract`."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ class Backbone(nn.Module):
         self.image_size: int = int(config["image_size"])
         self.register_buffer("mean", torch.zeros(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.ones(1, 3, 1, 1), persistent=False)
+        self._weights_identity: dict | None = None
 
     def _set_normalisation(self, mean, std) -> None:
         self.mean.copy_(torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
@@ -94,8 +96,28 @@ class Backbone(nn.Module):
             grid=grid,
         )
 
+    def weights_identity(self) -> dict[str, Any]:
+        """Which weights the extractor holds: `source` (tag or file name, for people) and `sha256`
+        over the first and last parameter plus the parameter count (compared: the same weights at
+        another path or from another download match; other weights do not). The weights are frozen,
+        so it is computed once."""
+        if self._weights_identity is None:
+            params = [p for _, p in self.named_parameters()]
+            h = hashlib.sha256(str(sum(p.numel() for p in params)).encode())
+            for p in (params[:1] + params[-1:]) if params else []:
+                # float32 bytes: fp16 (OpenAI's archive) and fp32 copies of the same weights agree
+                h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+            source = self.config.get("pretrained")
+            if source is None:
+                source = f"random (init_seed {int(self.config.get('init_seed', 0))})"
+            elif os.sep in str(source) or "/" in str(source):
+                source = Path(str(source)).name  # the path differs between machines
+            self._weights_identity = {"source": str(source), "sha256": h.hexdigest()}
+        return dict(self._weights_identity)
+
     def signature(self) -> dict[str, Any]:
-        """What a checkpoint must agree on: heads are only valid for the features they saw."""
+        """What a checkpoint must agree on: heads are only valid for the features they saw
+        (`image_size` is recorded to warn when a test runs at another size)."""
         return {
             "name": self.config.get("name"),
             "kind": self.config["kind"],
@@ -103,5 +125,7 @@ class Backbone(nn.Module):
             "layers": self.layers,
             "layer_dims": self.layer_dims,
             "patch_size": self.patch_size,
+            "image_size": self.image_size,
+            "weights": self.weights_identity(),
         }
 

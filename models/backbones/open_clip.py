@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from models.backbones.base import CONFIG_DIR, Backbone, BackboneError
+from models.backbones.torchscript import is_torchscript_archive, read_torchscript_state_dict
 
 
 @contextlib.contextmanager
@@ -30,6 +31,29 @@ def _quiet_root_logger():
 
 def _is_local_file(pretrained: str | None) -> bool:
     return bool(pretrained) and Path(str(pretrained)).expanduser().is_file()
+
+
+# in OpenAI's archives besides the weights (open_clip drops them too)
+_OPENAI_EXTRAS = ("input_resolution", "context_length", "vocab_size")
+
+
+def _load_archive(model: nn.Module, path: str, model_name: str) -> None:
+    """Weights of a TorchScript archive (OpenAI's CLIP .pt) into the open_clip model, strictly. Its
+    naming is open_clip's; it also lists non-persistent buffers (attn_mask) and three OpenAI
+    constants, which a state dict leaves out."""
+    state = read_torchscript_state_dict(path)
+    own = model.state_dict()
+    extras = set(_OPENAI_EXTRAS) | {name for name, _ in model.named_buffers()}
+    state = {k: v for k, v in state.items() if k in own or k not in extras}
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise BackboneError(f"{path} is a TorchScript archive whose weights do not fit open_clip {model_name}: "
+                            f"{len(missing)} tensors missing (first: {missing[:3]}), {len(unexpected)} unknown "
+                            f"(first: {unexpected[:3]}); is it an archive of {model_name}?")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # shapes: e.g. the weights of another patch size or resolution
+        raise BackboneError(f"{path}: its weights do not fit open_clip {model_name}: {str(e).strip()[:600]}") from e
 
 
 _ACTIVATION_OVERRIDES = ("gelu",)  # deliberate departures from the weights' activation
@@ -181,17 +205,25 @@ class OpenCLIPBackbone(Backbone):
         quick_gelu = resolve_quick_gelu(model_name, weights, config.get("quick_gelu"),
                                         config.get("activation_override"))
         self.quick_gelu = quick_gelu
+        archive = _is_local_file(weights) and is_torchscript_archive(weights)
         with torch.random.fork_rng(devices=[]), _quiet_root_logger():
             torch.manual_seed(int(config.get("init_seed", 0)))  # random-init configs are reproducible
             try:
-                model = open_clip.create_model(model_name, pretrained=weights or None,
+                model = open_clip.create_model(model_name, pretrained=None if archive else weights or None,
                                                force_quick_gelu=quick_gelu)
             except RuntimeError as e:
+                if _is_local_file(weights):
+                    raise BackboneError(
+                        f"could not load the weights file {weights} into open_clip {model_name}; it must be a "
+                        f"state dict of this model (.bin, .pt, .pth or .safetensors, open_clip or OpenAI "
+                        f"naming) or OpenAI's TorchScript .pt of it. open_clip said: {e}") from e
                 raise BackboneError(
                     f"could not load open_clip weights '{weights}' for {model_name}. Without hub access, "
                     f"download the checkpoint elsewhere and pass the local file with "
                     f"FDSL_PRETRAINED=/path/to/file (or --pretrained /path/to/file); OpenAI weights need "
                     f"quick_gelu=true in the backbone config. open_clip said: {e}") from e
+        if archive:  # open_clip would unpickle it with weights_only=True, which refuses TorchScript
+            _load_archive(model, weights, model_name)
         self.keep_text = bool(config.get("keep_text", False))
         self.project_tokens = bool(config.get("project_tokens", False))
         visual = model.visual

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from models.backbones.base import BackboneError
+from models.backbones.torchscript import is_torchscript_archive, read_torchscript_state_dict
 
 # Installed packages that ship a weight file: module -> (pip name, how to find the file).
 _WEIGHT_PACKAGES = {
@@ -55,8 +56,11 @@ def resolve_weights(pretrained: str | None) -> tuple[str, str | None]:
 
 
 def load_weight_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A state dict from .safetensors or a torch file, never unpickling arbitrary objects."""
+    """A state dict from .safetensors, a torch file or a TorchScript archive, never unpickling
+    arbitrary objects or running stored code."""
     path = str(path)
+    if is_torchscript_archive(path):  # torch.load(weights_only=True) refuses these
+        return read_torchscript_state_dict(path)
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file

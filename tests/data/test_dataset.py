@@ -58,7 +58,11 @@ def test_loading_resizes_and_binarises(tmp_path):
     mask[4:12, 20:28] = 1
     item = write_item(tmp_path, "x.png", mask)
     img = load_image(tmp_path / "x.png", 16)
-    assert img.shape == (3, 16, 16) and 0 <= img.min() and img.max() <= 1
+    assert img.shape == (3, 16, 16)
+    # away from the edge the halves keep their exact values (8-bit 200 -> 200/255, 0 -> 0); a wrong scale,
+    # channel order or a flip would show here, not in a [0, 1] range check
+    assert torch.all(img[:, :, :6] == 200 / 255) and torch.all(img[:, :, 10:] == 0)
+    assert 0 < img[0, 0, 8] < img[0, 0, 7] < 200 / 255 + 0.02  # the resampled edge lies in between
     m = load_mask(tmp_path / item["mask_path"], 16)
     assert m.shape == (16, 16) and set(m.unique().tolist()) == {0.0, 1.0}
     assert m[2:6, 10:14].all() and m.sum() == 16

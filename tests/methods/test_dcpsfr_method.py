@@ -11,6 +11,7 @@ from data.dataset import AnomalyDataset, load_image, load_meta, select_k_shot
 from methods import create_method, resolve_method_config
 from methods.base import InferenceOptions
 from methods.checkpoint import load_method, read_checkpoint
+from models.scoring import upsample_probs
 from utils.config import MethodConfig, TestConfig, TrainConfig
 from utils.metrics import auroc
 
@@ -60,7 +61,11 @@ def test_fit_predict_and_loss_shapes(method):
     method.eval()
     maps, scores = method.predict(query, state, (40, 30))
     assert maps.shape == (3, 40, 30) and scores.shape == (3,)
-    assert (maps >= 0).all() and (maps <= 1).all() and torch.isfinite(scores).all()
+    # predict = the forward pass's calibrated probability upsampled, and its fused image logit
+    out = method.forward_batch(query, [state] * 3)
+    torch.testing.assert_close(maps, upsample_probs(out.seg_prob.unsqueeze(1), (40, 30))[:, 0])
+    torch.testing.assert_close(scores, out.global_logit + method.heads["heads"].mu * out.local_score)
+    assert maps.std() > 0 and torch.isfinite(scores).all()
     method.train()
     batch = {"image": query, "mask": (torch.rand(3, 224, 224) > 0.9).float(), "label": torch.tensor([1, 1, 0])}
     loss = method.loss(batch, [state] * 3)

@@ -5,7 +5,7 @@ from methods import create_method, resolve_method_config
 from methods.checkpoint import check_backbones, checkpoint_payload, load_method
 from methods.fdsl import FDSLMethod
 from methods.knn import KNNMethod
-from models.backbones import create_backbone
+from models.backbones import create_backbone, load_backbone_config
 from models.fdsl import FDSL
 from models.scoring import final_image_scores, maps_and_scores
 from utils.config import MethodConfig
@@ -63,3 +63,80 @@ def test_raw_distance_is_zero_for_a_reference_image():
     bank = det.build_bank(images[:1])
     maps, _ = det.predict_whole(images, bank, (16, 16))
     assert maps[0].abs().max() < 1e-5 and maps[1].mean() > 1e-3
+
+
+def test_checkpoint_guard_compares_weights_by_content_and_warns_on_image_size(tmp_path, caplog):
+    import logging
+    import shutil
+
+    import open_clip
+
+    open_clip.add_model_config(str(load_backbone_config.__globals__["CONFIG_DIR"] / "open_clip"))
+    weights = tmp_path / "a" / "clip.pt"
+    weights.parent.mkdir()
+    torch.manual_seed(7)
+    torch.save(open_clip.create_model("tiny-ViT-p14").state_dict(), weights)
+    cfg = resolve_method_config(MethodConfig(backbone="tiny_clip", pretrained=str(weights), params={"hidden": [8]}))
+    path = tmp_path / "ckpt.pth"
+    torch.save(checkpoint_payload(create_method(cfg), epoch=1), path)
+    moved = tmp_path / "b" / "renamed.pt"  # the same weights on another machine, at another path
+    moved.parent.mkdir()
+    shutil.copy(weights, moved)
+    load_method(path, pretrained=str(moved))
+    torch.manual_seed(9)
+    other = tmp_path / "other.pt"
+    torch.save(open_clip.create_model("tiny-ViT-p14").state_dict(), other)
+    with pytest.raises(ValueError, match=r"weights 'clip\.pt'.*'other\.pt'.*differ in content"):
+        load_method(path, pretrained=str(other))
+    with pytest.raises(ValueError, match="differ in content"):  # random weights are other weights too
+        load_method(path, pretrained="none")
+    with caplog.at_level(logging.WARNING, logger="fdsl.checkpoint"):
+        load_method(path, image_size=112)
+    assert "trained at 224 px" in caplog.text and "112 px" in caplog.text
+    # checkpoints written before the identity was recorded are not checked
+    sig = {k: v for k, v in torch.load(path, weights_only=True)["backbones"]["backbone"].items()
+           if k not in ("weights", "image_size")}
+    check_backbones({"backbone": sig}, create_method(resolve_method_config(MethodConfig(backbone="tiny_clip"))))
+
+
+@pytest.mark.parametrize("winmode", ["nan", "mul"])
+def test_prediction_runs_in_eval_mode_and_restores_the_callers_mode(winmode):
+    from methods.base import InferenceOptions
+
+    torch.manual_seed(0)
+    det = FDSLMethod(create_backbone("tiny_clip"), FDSL([64] * 4, use_nam=True, hidden=(16, 8)))
+    for m in det.heads.modules():  # running statistics far from a batch's own
+        if isinstance(m, torch.nn.BatchNorm1d):
+            m.running_mean.uniform_(-0.05, 0.05)
+            m.running_var.uniform_(0.001, 0.01)
+    det.configure(InferenceOptions(winmode=winmode, win_size=8, win_stride=4))
+    refs, query = torch.rand(1, 3, 224, 224), torch.rand(2, 3, 224, 224)
+    state = det.fit(refs)
+    det.eval()
+    expected = det.predict(query, state, (32, 32))
+    det.train()
+    got = det.predict(query, state, (32, 32))
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert det.training and det.heads.training and all(m.training for m in det.heads.modules())
+    assert not det.backbone.training  # frozen backbones stay in eval mode whatever the caller asks
+    whole = det.predict_whole(query, state.bank, (32, 32))
+    assert det.heads.training
+    det.eval()
+    torch.testing.assert_close(whole, det.predict_whole(query, state.bank, (32, 32)), rtol=0, atol=0)
+    if winmode != "nan":
+        det.train()
+        win = det.windows.predict(query, (32, 32), state.window_bank)
+        assert det.heads.training
+        det.eval()
+        torch.testing.assert_close(win, det.windows.predict(query, (32, 32), state.window_bank), rtol=0, atol=0)
+    # the train-mode result really differs: BatchNorm on batch statistics
+    det.heads.train()
+    with torch.no_grad():
+        feats = det.backbone(query)
+        from models.memory import align_to_banks
+        aligned = align_to_banks(feats.patch_tokens, [state.bank] * 2)
+        train_maps = det.heads(feats.patch_tokens, aligned, feats.grid).anomaly_maps()
+    det.heads.eval()
+    with torch.no_grad():
+        eval_maps = det.heads(feats.patch_tokens, aligned, feats.grid).anomaly_maps()
+    assert (train_maps - eval_maps).abs().max() > 1e-3

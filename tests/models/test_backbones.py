@@ -265,3 +265,97 @@ def test_resampled_positions_equal_open_clips_resize_pos_embed(tiny, grid):
     state = {"visual.positional_embedding": tiny.visual.positional_embedding.detach().clone()}
     resize_pos_embed(state, SimpleNamespace(visual=SimpleNamespace(grid_size=grid)))
     assert torch.equal(tiny._pos_embed(grid), state["visual.positional_embedding"])
+
+
+# -- OpenAI-style TorchScript archives and the weights identity -----------------------------------
+
+def _scripted_tiny_clip(tmp_path, seed=321, half=False):
+    """A TorchScript archive of a tiny open_clip CLIP (as OpenAI ships theirs), and the model."""
+    import warnings
+
+    open_clip.add_model_config(str(load_backbone_config.__globals__["CONFIG_DIR"] / "open_clip"))
+    torch.manual_seed(seed)
+    model = open_clip.create_model("tiny-ViT-p14").eval()
+    if half:
+        model = model.half()
+    path = tmp_path / f"tiny_scripted_{seed}{'_half' if half else ''}.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script/save are deprecated, still the format
+        torch.jit.save(torch.jit.script(model), str(path))
+    return path, model
+
+
+@pytest.mark.parametrize("half", [False, True])
+def test_torchscript_archive_is_read_without_running_it(tmp_path, half):
+    import warnings
+
+    from models.backbones.torchscript import is_torchscript_archive, read_torchscript_state_dict
+
+    path, model = _scripted_tiny_clip(tmp_path, half=half)
+    assert is_torchscript_archive(path)
+    state = read_torchscript_state_dict(path)
+    own = model.state_dict()
+    assert set(own) <= set(state)
+    for k, v in own.items():
+        assert state[k].dtype == v.dtype and torch.equal(state[k], v), k
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        jit = torch.jit.load(str(path)).state_dict()  # the reference reader (runs code: our own file)
+    assert set(state) == set(jit) and all(torch.equal(state[k], jit[k]) for k in jit)
+    plain = tmp_path / "plain.pt"
+    torch.save(own, plain)
+    assert not is_torchscript_archive(plain)  # a torch.save zip is not taken for one
+
+
+def test_openai_style_archive_loads_as_pretrained_and_matches_the_state_dict_file(tmp_path):
+    path, model = _scripted_tiny_clip(tmp_path)
+    plain = tmp_path / "plain.pt"
+    torch.save(model.state_dict(), plain)
+    from_archive = create_backbone("tiny_clip", pretrained=str(path))
+    from_file = create_backbone("tiny_clip", pretrained=str(plain))
+    x = torch.rand(2, 3, 224, 224)
+    torch.testing.assert_close(from_archive(x).patch_tokens[-1], from_file(x).patch_tokens[-1], rtol=0, atol=0)
+    torch.testing.assert_close(from_archive.visual.conv1.weight, model.visual.conv1.weight, rtol=0, atol=0)
+    # the same weights from two files (and two paths): one identity; the file name is informative only
+    a, b = from_archive.signature()["weights"], from_file.signature()["weights"]
+    assert a["sha256"] == b["sha256"] and a["source"] == path.name and b["source"] == "plain.pt"
+
+
+def test_archive_with_foreign_code_is_refused_without_running_it(tmp_path):
+    """A data.pkl that calls anything but the tensor/module records is refused; nothing runs."""
+    import pickle
+    import zipfile
+
+    from models.backbones.torchscript import read_torchscript_state_dict
+
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+    path = tmp_path / "evil.pt"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("evil/data.pkl", pickle.dumps(Evil(), protocol=2))
+        zf.writestr("evil/constants.pkl", pickle.dumps((), protocol=2))
+    with pytest.raises(BackboneError, match=r"TorchScript archive.*refers to \w+\.open.*torch\.jit\.load"):
+        read_torchscript_state_dict(path)
+    assert not marker.exists()
+    with pytest.raises(BackboneError, match="TorchScript archive"):
+        create_backbone("tiny_clip", pretrained=str(path))
+    assert not marker.exists()
+
+
+def test_archive_of_another_model_is_named(tmp_path):
+    path, _ = _scripted_tiny_clip(tmp_path)
+    cfg = dict(load_backbone_config("tiny_clip"), model="ViT-B-32", image_size=224, layers=[1, 2])
+    with pytest.raises(BackboneError, match=r"TorchScript archive whose weights do not fit open_clip ViT-B-32"):
+        create_backbone(cfg, pretrained=str(path))
+
+
+def test_signature_records_weights_and_image_size(tiny, tmp_path):
+    sig = tiny.signature()
+    assert sig["image_size"] == 224 and sig["weights"]["source"] == "random (init_seed 0)"
+    assert create_backbone("tiny_clip").signature()["weights"] == sig["weights"]  # same init, same identity
+    other = create_backbone(dict(load_backbone_config("tiny_clip"), init_seed=1))
+    assert other.signature()["weights"]["sha256"] != sig["weights"]["sha256"]
+    assert create_backbone("tiny_clip", image_size=112).signature()["weights"] == sig["weights"]

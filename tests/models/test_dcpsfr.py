@@ -380,7 +380,10 @@ def test_heads_output_shapes():
     assert out.seg_prob.shape == (B, *GRID)
     for name in ("image_logit", "global_logit", "local_score", "top_p"):
         assert getattr(out, name).shape == (B,), name
-    assert torch.all((out.score >= 0) & (out.score <= 1))
+    # the fused score is exactly its definition from the two parts (a range check would pass a wrong fusion)
+    torch.testing.assert_close(out.score, fuse_scores(out.delta_rec, out.s_cos, heads.lam, C_DINO))
+    torch.testing.assert_close(out.score, (out.delta_rec / (2 * math.sqrt(C_DINO)) + heads.lam * out.s_cos / 2)
+                               / (1 + heads.lam))
     torch.testing.assert_close(out.image_logit, out.global_logit + 2.0 * out.local_score)
     assert out.has_cue and out.has_ssr
 

@@ -9,6 +9,7 @@ from methods.fdsl import FDSLMethod
 from models.fdsl import FDSL
 from models.lfe import (WindowBank, WindowLayout, WindowScorer, align_windows, blend, crop_windows,
                         stitch_windows, window_starts)
+from models.scoring import maps_and_scores
 
 
 @pytest.fixture(scope="module")
@@ -205,6 +206,62 @@ def test_index_with_one_reference_and_one_window_equals_the_full_bank(tiny):
     torch.testing.assert_close(maps[0], maps[1])
 
 
+def reference_window_layer_maps(det, refs, query, win, stride, use_index=False, nam_per_window=False):
+    """The window path written out window by window with loops: crop, encode, match (brute force over
+    every reference window, or only the one with the most similar global embedding), score, add the
+    raw window map onto the grid, average, and only then the NAM. `nam_per_window=True` is the wrong
+    order (NAM on each window before stitching), to show that the tests can tell the two apart."""
+    p = det.backbone.patch_size
+    grid = refs.shape[-1] // p
+    starts = window_starts(grid, win, stride).tolist()
+    spots = [(r, c) for r in starts for c in starts]
+    crop = lambda img, r, c: img[None, :, r * p:(r + win) * p, c * p:(c + win) * p]
+    ref_out = [det.backbone(crop(img, r, c)) for img in refs for r, c in spots]
+    bank = [torch.cat([o.patch_tokens[l][0] for o in ref_out]) for l in range(len(det.backbone.layers))]
+    ref_glob = torch.cat([o.global_embedding for o in ref_out])
+    maps = []
+    for img in query:
+        total = torch.zeros(len(bank), grid, grid)
+        count = torch.zeros(grid, grid)
+        for r, c in spots:
+            out = det.backbone(crop(img, r, c))
+            if use_index:
+                j = int((out.global_embedding @ ref_glob.T).argmax())
+                n = win * win
+                mem = [b[j * n:(j + 1) * n] for b in bank]
+            else:
+                mem = bank
+            aligned = [m[(q[0] @ m.T).argmax(-1)][None] for q, m in zip(out.patch_tokens, mem)]
+            probs = det.heads.score_layers(out.patch_tokens, aligned, (win, win))  # (L, 1, 2, win, win)
+            if nam_per_window:
+                probs = det.heads.aggregate(probs)
+            total[:, r:r + win, c:c + win] += probs[:, 0, 1]
+            count[r:r + win, c:c + win] += 1
+        stitched = total / count
+        if not nam_per_window:
+            stitched = det.heads.aggregate(torch.stack([1 - stitched, stitched], dim=1)[:, None])[:, 0, 1]
+        maps.append(stitched)
+    return torch.stack(maps, dim=1)  # (L, B, grid, grid)
+
+
+@torch.no_grad()
+def test_nam_runs_once_on_the_stitched_map_not_per_window(tiny):
+    """Several overlapping windows (grid 16, win 8, stride 3: 16 windows, up to 9 per patch): the NAM
+    applied per window before stitching gives other maps (its 5x5 kernels see the window borders),
+    so a window path that did that fails here."""
+    det = make_detector(tiny, use_nam=True, seed=7)
+    torch.manual_seed(8)
+    refs, query = torch.rand(1, 3, 224, 224), torch.rand(2, 3, 224, 224)
+    scorer = WindowScorer(det, 8, 3)
+    scorer.build_bank(refs)
+    assert int(scorer.bank.layout.coverage().max()) == 9
+    right = reference_window_layer_maps(det, refs, query, 8, 3)
+    wrong = reference_window_layer_maps(det, refs, query, 8, 3, nam_per_window=True)
+    assert (right - wrong).abs().max() > 0.05  # the two orders really differ on these heads
+    torch.testing.assert_close(scorer.window_layer_maps(query), right, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
 def test_end_to_end_k2_win8_stride3(tiny):
     det = make_detector(tiny, seed=3)
     torch.manual_seed(6)
@@ -219,8 +276,11 @@ def test_end_to_end_k2_win8_stride3(tiny):
         assert scorer.bank_bytes() == bank.nbytes() > 0
         m, s = scorer.predict(query, (240, 240))
         assert m.shape == (3, 240, 240) and s.shape == (3,)
-        assert torch.isfinite(m).all() and torch.isfinite(s).all()
-        assert m.min() >= 0 and m.max() <= 1 and (s >= 0).all() and (s <= 1).all()
+        # the slow loop over windows: maps = layer mean upsampled, score = mean of the layer maxima
+        ref_m, ref_s = maps_and_scores(reference_window_layer_maps(det, refs, query, 8, 3, use_index), (240, 240))
+        torch.testing.assert_close(m, ref_m, atol=1e-5, rtol=0)
+        torch.testing.assert_close(s, ref_s, atol=1e-5, rtol=0)
+        assert m.std() > 1e-3  # not a comparison between constant maps
         results[(use_index, wb)] = (m, s)
     # chunking the windows does not change the result
     torch.testing.assert_close(results[(True, 64)], results[(True, 5)])
