@@ -288,9 +288,9 @@ def check_folders(mode: str, launch: Launch, plan: MethodPlan, plans, train_scri
         training = None
         if plan.cls.trainable:
             cfg, method_cfg = train_script.resolve_training(train_config(launch, plan, train_set))
-            done, last = train_script.last_checkpoint(cfg.out_dir)
+            done, last, ckpt = train_script.last_good_checkpoint(Path(cfg.out_dir))
             if done:
-                train_script.check_same_run(last, cfg, method_cfg["method"])
+                train_script.check_same_run(last, cfg, method_cfg["method"], ckpt)
             if mode == "train_and_test" and done < cfg.epochs:
                 training = (to_dict(cfg), cfg.epochs)  # train.py stores exactly this in the checkpoint
         test_script.check_results_folder(test_config(launch, plan, train_set, test_set), training)
