@@ -332,7 +332,7 @@ def test_permission_check_uses_os_access(tmp_path, monkeypatch):
 def test_launcher_checks_its_output_folders_before_training(datasets, tmp_path):
     # checkpoints could be written, but not the results of the test on 'visa': refused before training
     results = tmp_path / "results"
-    blocker = results / "m" / "visa"
+    blocker = results / "m_nam1_nan" / "visa"  # the results folder is named by the test settings
     blocker.parent.mkdir(parents=True)
     blocker.write_text("x")
     env = {"MVTEC_ROOT": str(datasets[0]), "VISA_ROOT": str(datasets[1]), "FDSL_BACKBONE": "tiny_clip",
@@ -341,7 +341,7 @@ def test_launcher_checks_its_output_folders_before_training(datasets, tmp_path):
     line = error_line(run("launch.py", "train_and_test", "m", "cpu", "1", "nan", "13", "2", "0.5", "0", "1",
                           env=env), "launch.py")
     assert f"cannot write the results folder {blocker / '1shot' / 'seed0'}: {blocker} is a file" in line
-    assert files(tmp_path) == {"results/m/visa": b"x"}  # nothing trained
+    assert files(tmp_path) == {"results/m_nam1_nan/visa": b"x"}  # nothing trained
 
 
 # --------------------------------------------------------------------------- #
