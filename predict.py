@@ -45,9 +45,8 @@ from utils.visualize import DEFAULT_ALPHA, DEFAULT_COLORMAP, ColourScale, binary
 
 SUMMARY = "predictions.json"
 TABLE = "predictions.csv"
-# test.py settings that change a map's values: a threshold from a run with others is flagged
-THRESHOLD_SETTINGS = ("k_shot", "winmode", "win_size", "win_stride", "win_weight", "image_index", "backbone",
-                      "image_size")
+# test.py run settings that change a map's values (k_shot: the number of references)
+RUN_SETTINGS = ("k_shot", "winmode", "win_size", "win_stride", "win_weight", "image_index")
 
 
 def _one_line(e: BaseException) -> str:
@@ -133,6 +132,7 @@ class Threshold:
     category: str | None = None
     rule: str = ""  # the `anomalous` rule, in words
     warnings: list[str] = field(default_factory=list)
+    run_config: dict | None = None  # the threshold run's config.json, to compare settings with
 
 
 def set_relative(method: Method | type[Method]) -> bool:
@@ -142,7 +142,7 @@ def set_relative(method: Method | type[Method]) -> bool:
     return cls.image_scores is not Method.image_scores
 
 
-def read_threshold(source: str, category: str | None, method_cls: type[Method], settings: dict) -> Threshold:
+def read_threshold(source: str, category: str | None, method_cls: type[Method]) -> Threshold:
     """p_f1_threshold (masks) and, where it is on the per-photo scale, i_f1_threshold (the anomalous
     column) of one category of a finished test.py run (a results folder or its metrics.json)."""
     path = Path(source)
@@ -171,19 +171,12 @@ def read_threshold(source: str, category: str | None, method_cls: type[Method], 
     t = Threshold(pixel=number("p_f1_threshold"), source=str(metrics_path), category=category)
     config_path = metrics_path.parent / "config.json"
     if config_path.is_file():
-        config = read_json(config_path, "results config")
-        stored = config.get("method", {}).get("method", "fdsl") if isinstance(config.get("method"), dict) else "fdsl"
+        t.run_config = read_json(config_path, "results config")
+        method_cfg = t.run_config.get("method")
+        stored = method_cfg.get("method", "fdsl") if isinstance(method_cfg, dict) else "fdsl"
         if stored != method_cls.name:
             raise ValueError(f"{metrics_path} holds thresholds of method '{stored}', but this run uses "
                              f"'{method_cls.name}'; a threshold only means something on its own method's scale")
-        run = config.get("test", {}) if isinstance(config.get("test"), dict) else {}
-        diff = [k for k in THRESHOLD_SETTINGS if k in run and run[k] != settings.get(k)]
-        ck, mine = run.get("checkpoint") or "", settings.get("checkpoint") or ""
-        if (ck or mine) and (not ck or not mine or Path(ck).resolve() != Path(mine).resolve()):
-            diff.append(f"checkpoint ({ck or 'none'})")
-        if diff:
-            t.warnings.append(f"the threshold run used other settings: {', '.join(diff)}; the maps here may be "
-                              f"on another scale")
     else:
         t.warnings.append(f"{config_path} not found: the run's method and settings could not be checked")
     if set_relative(method_cls):
@@ -193,6 +186,23 @@ def read_threshold(source: str, category: str | None, method_cls: type[Method], 
         t.image = number("i_f1_threshold")
         t.rule = f"score >= {t.image:.6g} (i_f1_threshold)"
     return t
+
+
+def settings_differences(run_config: dict, method: Method, settings: dict, checkpoint: str) -> list[str]:
+    """What differs between the threshold's run and this one among the things that move map values:
+    the effective backbones, weights and input size, the checkpoint, k and the window settings."""
+    diff = []
+    run = run_config.get("test") if isinstance(run_config.get("test"), dict) else {}
+    diff += [k for k in RUN_SETTINGS if k in run and run[k] != settings[k]]
+    stored = run_config.get("method") if isinstance(run_config.get("method"), dict) else {}
+    for key in ("backbones", "image_size"):
+        if key in stored and stored[key] != method.config.get(key):
+            diff.append(key)
+    ck = run.get("checkpoint") or ""
+    if "checkpoint" in run and (bool(ck) != bool(checkpoint)
+                                or (ck and Path(ck).resolve() != Path(checkpoint).resolve())):
+        diff.append(f"checkpoint ({ck or 'none'})")
+    return diff
 
 
 # --------------------------------------------------------------------------- #
@@ -298,23 +308,26 @@ def predict(args) -> Path:
     refs = collect_images(args.refs, "reference")
     queries = collect_images(args.images, "query")
     cls = method_class(args)
-    settings = {"k_shot": len(refs), "winmode": options.winmode, "win_size": options.win_size, "win_stride": options.win_stride,
-                "win_weight": options.win_weight, "image_index": options.image_index, "backbone": args.backbone,
-                "image_size": args.image_size, "checkpoint": args.checkpoint or ""}
     if args.threshold is not None:
         t = parse_number(args.threshold, "--threshold")
         threshold = Threshold(pixel=t, source="given", rule=f"map_max >= {t:.6g} (the mask is not empty)")
     elif args.threshold_from:
-        threshold = read_threshold(args.threshold_from, args.category, cls, settings)
+        threshold = read_threshold(args.threshold_from, args.category, cls)
     else:
         threshold = Threshold(rule="no threshold: no masks, no anomalous column")
-    for w in threshold.warnings:
-        print(f"predict.py: warning: {w}", file=sys.stderr)
     scale = ColourScale.for_threshold(threshold.pixel, args.colormap)
 
     device = resolve_device(args.device)
     method, ckpt = build_method(args, device)
     method.configure(options)
+    if threshold.run_config is not None:
+        settings = {"k_shot": len(refs), **{k: getattr(options, k) for k in RUN_SETTINGS if k != "k_shot"}}
+        diff = settings_differences(threshold.run_config, method, settings, args.checkpoint)
+        if diff:
+            threshold.warnings.append(f"the threshold's run differs in {', '.join(diff)}: this run's maps may be "
+                                      f"on another scale")
+    for w in threshold.warnings:
+        print(f"predict.py: warning: {w}", file=sys.stderr)
     state = fit_references(method, refs, args.batch_size)
 
     out = Path(args.out)

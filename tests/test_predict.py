@@ -126,6 +126,10 @@ def test_threshold_from_picks_the_category_and_checks_the_method(datasets, train
     line = error_line(*run_predict(capsys, *KNN, *base, "--category", "candle"))
     assert "method 'fdsl'" in line and "'knn'" in line
     assert not (tmp_path / "x").exists()  # refused before any work
+    rc, err = run_predict(capsys, "--checkpoint", trained, *base, "--category", "wood_board")
+    wood = json.loads((threshold_run / "metrics.json").read_text())["per_category"]["wood_board"]
+    assert rc == 0 and summary(tmp_path / "x")["threshold"]["pixel"] == wood["p_f1_threshold"]
+    assert "k_shot" in err  # 1 reference here, 4 in the run: the maps' scale may differ, and it is said
 
 
 def _results_run(folder: Path, thresholds: dict, method: str = "knn", config: bool = True) -> Path:
