@@ -9,8 +9,8 @@
 Writes to OUT, per query photo, <name>_overlay.png (the photo at its own size with the anomaly map
 blended in) and, with a threshold, <name>_mask.png (white = map >= threshold); then predictions.csv
 and predictions.json (highest score first, with the run's settings, skipped files and why).
-<name> is the photo's file stem, prefixed with its parent folders when stems repeat (good/000.png and
-crack/000.png -> good_000, crack_000).
+<name> is the photo's file stem, prefixed with parent folder names when stems repeat, the same
+number of folders for every photo of the run (good/000.png, crack/000.png -> good_000, crack_000).
 
 Scores: `score` is the method's own per-photo score (`Method.predict`), which does not depend on
 the other photos of the run. FDSL's evaluation score (test.py) additionally min-max normalises the
@@ -86,20 +86,16 @@ def collect_images(specs: list[str], what: str) -> list[Path]:
 
 
 def output_names(paths: list[Path]) -> list[str]:
-    """Unique file-name stems for the outputs: the stem, with as many parent folder names as it takes
-    to tell repeated stems apart, then a counter as the last resort (same names in the same folders)."""
+    """Unique file-name stems for the outputs: the stem, prefixed with as many parent folder names as it
+    takes to tell all photos apart, the same number for every photo (so good/004.png is good_004 next
+    to good_000, not a bare 004), then a counter as the last resort."""
     parts = [[*p.resolve().parent.parts[1:], p.stem] for p in paths]
-    depth = [1] * len(paths)
+    depth = 1
     while True:
-        names = ["_".join(pp[-d:]) for pp, d in zip(parts, depth)]
-        counts: dict[str, int] = {}
-        for n in names:
-            counts[n] = counts.get(n, 0) + 1
-        grow = [i for i, n in enumerate(names) if counts[n] > 1 and depth[i] < len(parts[i])]
-        if not grow:
+        names = ["_".join(pp[-depth:]) for pp in parts]
+        if len(set(names)) == len(names) or depth >= max(len(pp) for pp in parts):
             break
-        for i in grow:
-            depth[i] += 1
+        depth += 1
     used: dict[str, int] = {}
     out = []
     for n in names:
@@ -181,7 +177,7 @@ def read_threshold(source: str, category: str | None, method_cls: type[Method]) 
         t.warnings.append(f"{config_path} not found: the run's method and settings could not be checked")
     if set_relative(method_cls):
         t.rule = (f"map_max >= {t.pixel:.6g} (p_f1_threshold); the run's i_f1_threshold is on method "
-                  f"'{method_cls.name}''s set-normalised evaluation score, not on the per-photo score")
+                  f"{method_cls.name}'s set-normalised evaluation score, not on the per-photo score")
     else:
         t.image = number("i_f1_threshold")
         t.rule = f"score >= {t.image:.6g} (i_f1_threshold)"

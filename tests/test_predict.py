@@ -100,6 +100,7 @@ def test_readme_demo_command_on_generated_data(datasets, trained, threshold_run,
     names = {Path(r["image"]).relative_to(root).as_posix(): r["overlay"] for r in rows if "candle" in r["image"]}
     assert names["candle/test/good/000.png"] == "good_000_overlay.png"  # repeated stems keep their folder
     assert names["candle/test/blob/000.png"] == "blob_000_overlay.png"
+    assert names["candle/test/good/003.png"] == "good_003_overlay.png"  # one naming rule for the whole run
 
     # the ranking: defective photos above normal ones
     labels = [is_bad(r) for r in rows]
