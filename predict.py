@@ -280,7 +280,7 @@ def _clear_previous(out: Path) -> None:
     for row in old if isinstance(old, list) else []:
         for key in ("overlay", "mask"):
             name = row.get(key) if isinstance(row, dict) else None
-            if isinstance(name, str) and name and Path(name).name == name:
+            if isinstance(name, str) and name.endswith(".png") and Path(name).name == name:
                 (out / name).unlink(missing_ok=True)
 
 
@@ -413,7 +413,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the k normal reference photos: a folder (all its images) or files")
     p.add_argument("--images", nargs="+", required=True, metavar="DIR_GLOB_OR_FILE",
                    help="photos to score: folders, globs (quote them: 'dir/*.png', ** recurses) or files")
-    p.add_argument("--out", required=True, help="output folder (created; pictures of an earlier run there are replaced)")
+    p.add_argument("--out", required=True,
+                   help="output folder (created; pictures of an earlier run there are replaced)")
     p.add_argument("--threshold", default=None, metavar="T",
                    help="map threshold: masks are map >= T, a photo is anomalous when its map maximum is >= T")
     p.add_argument("--threshold-from", default=None, metavar="RESULTS_RUN_DIR",

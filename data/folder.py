@@ -150,7 +150,10 @@ def build_meta(root: str | Path, name: str | None = None, train_good: int | None
                            f"{_shown([p.name for p in missing])}; add masks (same stem) or pass "
                            f"--allow-missing-masks (pixel metrics then need the loader changes in "
                            f"README_predict_notes.md)")
-    item = lambda p, m, specie, a: make_item(rel_posix(p, root), rel_posix(m, root) if m else "", cls, specie, a)  # noqa: E731
+
+    def item(img: Path, mask: Path | None, specie: str, anomaly: int) -> dict:
+        return make_item(rel_posix(img, root), rel_posix(mask, root) if mask else "", cls, specie, anomaly)
+
     meta = sort_meta({"train": {cls: [item(p, None, "good", 0) for p in train]},
                       "test": {cls: [item(p, None, "good", 0) for p in test_good]
                                + [item(p, masks.get(p), "bad", 1) for p in bad]}})
@@ -207,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     print(summarise({k: v for k, v in meta.items() if k != MISSING_MASKS_KEY}))
     print(f"train references: {rule}")
     if meta.get(MISSING_MASKS_KEY):
-        n = sum(1 for it in meta["test"][next(iter(meta["test"]))] if it["anomaly"] and not it["mask_path"])
+        n = sum(1 for items in meta["test"].values() for it in items if it["anomaly"] and not it["mask_path"])
         print(f"warning: {n} bad photo(s) indexed without a mask (\"{MISSING_MASKS_KEY}\": true)", file=sys.stderr)
     print(f"wrote {path}")
     return 0
