@@ -56,6 +56,10 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return _atomic(path, lambda p: p.write_text(text, encoding="utf-8"))
 
 
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    return _atomic(path, lambda p: p.write_bytes(data))
+
+
 def _json_safe(obj: Any) -> Any:
     # NaN is not valid JSON; undefined metrics are stored as null.
     if isinstance(obj, float) and not math.isfinite(obj):

@@ -222,11 +222,11 @@ def _defect_region_ids(m: np.ndarray) -> tuple[np.ndarray, int]:
     return (np.concatenate(ids) if ids else np.zeros(0, dtype=np.int32)), n
 
 
-def _partial_area(x: np.ndarray, y: np.ndarray, limit: float) -> float:
-    """Trapezoid area under (x, y) for x in [0, limit], divided by limit.
+def _cut_curve(x: np.ndarray, y: np.ndarray, limit: float) -> tuple[np.ndarray, np.ndarray]:
+    """The points of (x, y) with x <= limit, ending at exactly ``limit``.
 
     x is non-decreasing, starts at 0 and ends at 1 >= limit; the curve is
-    cut at exactly ``limit`` by linear interpolation inside the crossing segment.
+    cut at ``limit`` by linear interpolation inside the crossing segment.
     """
     k = int(np.searchsorted(x, limit, side="right"))  # points with x <= limit
     xs, ys = x[:k], y[:k]
@@ -234,6 +234,12 @@ def _partial_area(x: np.ndarray, y: np.ndarray, limit: float) -> float:
         x0, x1, y0, y1 = x[k - 1], x[k], y[k - 1], y[k]
         xs = np.append(xs, limit)
         ys = np.append(ys, y0 + (limit - x0) * (y1 - y0) / (x1 - x0))
+    return xs, ys
+
+
+def _partial_area(x: np.ndarray, y: np.ndarray, limit: float) -> float:
+    """Trapezoid area under (x, y) for x in [0, limit], divided by limit."""
+    xs, ys = _cut_curve(x, y, limit)
     return float(np.sum((xs[1:] - xs[:-1]) * (ys[1:] + ys[:-1])) / 2.0) / limit
 
 
@@ -250,7 +256,8 @@ def _region_weights(lab_of_pos: np.ndarray, n_regions: int) -> np.ndarray:
     return 1.0 / (area * n_regions)[lab_of_pos]
 
 
-def _aupro_from_runs(r: _Runs, n_normal: int, fpr_limit: float) -> float:
+def _pro_points(r: _Runs, n_normal: int) -> tuple[np.ndarray, np.ndarray]:
+    """The full PRO curve (FPR, PRO) from (0, 0) to (1, PRO at the lowest defect score)."""
     # Each run of equal scores is one threshold.  Just above a run the curve
     # is at (FP > v, PRO > v), at the run it is at (FP >= v, PRO >= v); between
     # runs only normal pixels enter, a horizontal segment, so these two points
@@ -265,7 +272,11 @@ def _aupro_from_runs(r: _Runs, n_normal: int, fpr_limit: float) -> float:
     fpr[1:-1:2], pro[1:-1:2] = fp_gt / n_normal, pro_gt
     fpr[2:-1:2], pro[2:-1:2] = fp_ge / n_normal, pro_ge
     fpr[-1], pro[-1] = 1.0, pro_ge[-1]
-    return _partial_area(fpr, pro, fpr_limit)
+    return fpr, pro
+
+
+def _aupro_from_runs(r: _Runs, n_normal: int, fpr_limit: float) -> float:
+    return _partial_area(*_pro_points(r, n_normal), fpr_limit)
 
 
 def aupro(masks, maps, fpr_limit: float = 0.3) -> float:
@@ -289,6 +300,64 @@ def aupro(masks, maps, fpr_limit: float = 0.3) -> float:
     flat_m = m.ravel()
     w = _region_weights(region_ids, n_regions)
     return _aupro_from_runs(_runs(a.ravel(), flat_m, w), n_normal, fpr_limit)
+
+
+# --------------------------------------------------------------------------- #
+# curves: the exact points the metrics above integrate, for plots
+# --------------------------------------------------------------------------- #
+def roc_curve(labels, scores) -> tuple[np.ndarray, np.ndarray] | None:
+    """(FPR, TPR) from (0, 0) to (1, 1); None when ``labels`` holds one class.
+
+    Two points per run of tied positive scores (just above the run, and at
+    it), so a tie is the diagonal segment AUROC credits half; the trapezoid
+    area under these points is ``auroc``.
+    """
+    y, s = _pair_1d(labels, scores)
+    n_pos = int(y.sum())
+    n_neg = y.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    r = _runs(s, y)
+    fp_ge = r.n_ge - r.tp_ge
+    fp_gt = r.n_gt - (r.tp_ge - r.count)
+    fpr = np.empty(2 * r.value.size + 2)
+    tpr = np.empty_like(fpr)
+    fpr[0], tpr[0] = 0.0, 0.0
+    fpr[1:-1:2], tpr[1:-1:2] = fp_gt / n_neg, (r.tp_ge - r.count) / n_pos
+    fpr[2:-1:2], tpr[2:-1:2] = fp_ge / n_neg, r.tp_ge / n_pos
+    fpr[-1], tpr[-1] = 1.0, 1.0
+    return fpr, tpr
+
+
+def pr_curve(labels, scores) -> tuple[np.ndarray, np.ndarray] | None:
+    """(recall, precision) at every positive score run, highest threshold
+    first, preceded by (0, 1); None when ``labels`` holds one class.
+
+    ``average_precision`` is the sum of recall steps times the precision at
+    the step's end, so plot it as a step curve (matplotlib ``where='pre'``).
+    """
+    y, s = _pair_1d(labels, scores)
+    n_pos = int(y.sum())
+    if n_pos == 0 or n_pos == y.size:
+        return None
+    r = _runs(s, y)
+    recall = np.concatenate(([0.0], r.tp_ge / n_pos))
+    precision = np.concatenate(([1.0], r.tp_ge / r.n_ge))
+    return recall, precision
+
+
+def pro_curve(masks, maps, fpr_limit: float = 0.3) -> tuple[np.ndarray, np.ndarray] | None:
+    """(FPR, PRO) from (0, 0) to FPR = ``fpr_limit`` exactly, the part of the
+    curve ``aupro`` integrates; None when there is no defect region or no
+    anomaly-free pixel."""
+    fpr_limit = _check_limit(fpr_limit)
+    m, a = _pair_maps(masks, maps)
+    region_ids, n_regions = _defect_region_ids(m)
+    n_normal = m.size - region_ids.size
+    if n_regions == 0 or n_normal == 0:
+        return None
+    w = _region_weights(region_ids, n_regions)
+    return _cut_curve(*_pro_points(_runs(a.ravel(), m.ravel(), w), n_normal), fpr_limit)
 
 
 # --------------------------------------------------------------------------- #

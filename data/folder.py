@@ -1,0 +1,220 @@
+"""Index a flat folder of your own photos as a one-category dataset (<root>/meta.json).
+
+Layout under --root (any image format Pillow reads, any extension):
+
+    good/          normal photos
+    bad/           defective photos
+    masks/         optional: the defect mask of each bad photo, same stem (bad/x.jpg -> masks/x.png;
+                   masks/x_mask.png is accepted too), non-zero = defect, the photo's size
+    train/good/    optional: normal photos used as references only
+
+Which photos are train references (the pool k-shot sampling draws from), first rule that applies:
+
+    --train-from DIR   every image in DIR (a folder inside --root); the test split keeps all of good/
+    train/good/        when present
+    --train-good N     the first N photos of good/ by file name (default 4), MOVED out of the test
+                       split so no reference is ever scored against itself
+
+The first N by name, not a random draw: the choice is visible in the file list and stable when photos
+are added. k-shot sampling then draws its k references at random from this pool (seeded).
+
+A bad photo without a mask stops the indexer (pixel metrics need every mask); --allow-missing-masks
+indexes it with mask_path '' and marks the file with "missing_masks": true at the top level. Such a
+meta.json is refused by data.meta.validate_meta today: it needs the loader changes named in
+README_predict_notes.md before test.py can evaluate it.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python data/folder.py`: make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from PIL import Image  # noqa: E402
+
+from data.images import check_items  # noqa: E402
+from data.meta import (ITEM_KEYS, META_NAME, DatasetError, make_item, rel_posix, sort_meta,  # noqa: E402
+                       summarise, validate_meta)
+from utils.io import atomic_write_json  # noqa: E402
+
+DEFAULT_TRAIN_GOOD = 4
+MISSING_MASKS_KEY = "missing_masks"
+
+
+def image_extensions() -> frozenset[str]:
+    """Every file extension Pillow can open (not the save-only ones such as .pdf)."""
+    Image.init()  # registers all plugins, so the list does not depend on what was imported before
+    return frozenset(ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+
+
+def is_image_file(path: Path) -> bool:
+    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in image_extensions()
+
+
+def list_image_files(folder: Path) -> list[Path]:
+    """Images directly inside folder, sorted by name; hidden files and other files skipped."""
+    return sorted((p for p in folder.iterdir() if is_image_file(p)), key=lambda p: p.name)
+
+
+def _images_in(folder: Path, what: str) -> list[Path]:
+    if not folder.is_dir():
+        raise DatasetError(f"{what} folder not found: {folder}")
+    found = list_image_files(folder)
+    if not found:
+        raise DatasetError(f"no image in {folder} ({what}); expected files such as .png or .jpg")
+    return found
+
+
+def _shown(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def find_masks(bad: list[Path], mask_dir: Path) -> tuple[dict[Path, Path], list[Path]]:
+    """{bad image: its mask} and the bad images without one. A mask matches by stem (x) or, failing
+    that, by stem + '_mask'; two files of one stem (x.png and x.tif) are ambiguous and refused."""
+    masks = list_image_files(mask_dir) if mask_dir.is_dir() else []
+    by_stem: dict[str, list[Path]] = {}
+    for m in masks:
+        by_stem.setdefault(m.stem, []).append(m)
+    found, missing, used = {}, [], set()
+    for img in bad:
+        for stem in (img.stem, f"{img.stem}_mask"):
+            hits = by_stem.get(stem, [])
+            if len(hits) > 1:
+                raise DatasetError(f"ambiguous masks for {img}: {', '.join(str(h) for h in hits)}; keep one")
+            if hits:
+                found[img] = hits[0]
+                used.add(hits[0])
+                break
+        else:
+            missing.append(img)
+    orphans = [m.name for m in masks if m not in used]
+    if orphans:  # likely a naming mistake; the bad image it belongs to would otherwise look unmasked
+        print(f"warning: {len(orphans)} mask(s) in {mask_dir} match no image in bad/: {_shown(orphans)}",
+              file=sys.stderr)
+    return found, missing
+
+
+def _check_name(name: str) -> str:
+    if not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise DatasetError(f"category name {name!r} must be a plain folder-like name (no slashes)")
+    return name
+
+
+def _train_split(root: Path, good: list[Path], train_good: int | None,
+                 train_from: Path | None) -> tuple[list[Path], list[Path], str]:
+    """(train images, normal test images, the rule that chose them, in words)."""
+    if train_from is not None:
+        folder = (train_from if train_from.is_absolute() else Path.cwd() / train_from).resolve()
+        if not folder.is_relative_to(root.resolve()):
+            raise DatasetError(f"--train-from {train_from} must be a folder inside --root {root}: meta.json "
+                               f"paths are relative to the root")
+        if folder == (root / "good").resolve():
+            raise DatasetError(f"--train-from {train_from} is good/ itself: the test split would have no normal "
+                               f"photo; use --train-good N to move some of them")
+        train = _images_in(folder, "--train-from")
+        return [root / p.relative_to(root.resolve()) for p in train], good, f"every image of {train_from}"
+    own = root / "train" / "good"
+    if own.is_dir():
+        if train_good is not None:
+            raise DatasetError(f"{own} exists and --train-good {train_good} was given; use one of them (remove "
+                               f"the option to use the folder)")
+        return _images_in(own, "train/good"), good, "train/good/"
+    n = DEFAULT_TRAIN_GOOD if train_good is None else train_good
+    if n < 1:
+        raise DatasetError(f"--train-good must be >= 1, got {n}")
+    if n >= len(good):
+        raise DatasetError(f"--train-good {n} would leave no normal test photo: good/ holds {len(good)}; use a "
+                           f"smaller N, add photos or put references in train/good/")
+    return good[:n], good[n:], f"the first {n} of good/ by name, moved out of the test split"
+
+
+def build_meta(root: str | Path, name: str | None = None, train_good: int | None = None,
+               train_from: str | Path | None = None, allow_missing_masks: bool = False,
+               allow_empty_masks: bool = False) -> tuple[dict, str]:
+    """(meta.json content, how the train split was chosen). Raises DatasetError (one line)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"dataset root not found: {root} (expected a folder holding good/ and bad/)")
+    if train_good is not None and train_from is not None:
+        raise DatasetError("--train-good and --train-from exclude each other")
+    cls = _check_name(name or root.resolve().name)
+    good, bad = _images_in(root / "good", "good"), _images_in(root / "bad", "bad")
+    train, test_good, rule = _train_split(root, good, train_good,
+                                          Path(train_from) if train_from is not None else None)
+    masks, missing = find_masks(bad, root / "masks")
+    if missing and not allow_missing_masks:
+        raise DatasetError(f"{len(missing)} photo(s) in bad/ have no mask in {root / 'masks'}: "
+                           f"{_shown([p.name for p in missing])}; add masks (same stem) or pass "
+                           f"--allow-missing-masks (pixel metrics then need the loader changes in "
+                           f"README_predict_notes.md)")
+
+    def item(img: Path, mask: Path | None, specie: str, anomaly: int) -> dict:
+        return make_item(rel_posix(img, root), rel_posix(mask, root) if mask else "", cls, specie, anomaly)
+
+    meta = sort_meta({"train": {cls: [item(p, None, "good", 0) for p in train]},
+                      "test": {cls: [item(p, None, "good", 0) for p in test_good]
+                               + [item(p, masks.get(p), "bad", 1) for p in bad]}})
+    check_items(root, meta, allow_empty_masks)  # readable images, masks of their image's size
+    if missing:
+        meta[MISSING_MASKS_KEY] = True
+    validate_folder_meta(meta)
+    return meta, rule
+
+
+def validate_folder_meta(meta: dict) -> None:
+    """validate_meta, except that a meta marked missing_masks may hold anomalous test items with
+    mask_path ''. Those items are checked for their keys here and everything else by validate_meta."""
+    flagged = bool(meta.get(MISSING_MASKS_KEY, False))
+    splits = {k: v for k, v in meta.items() if k != MISSING_MASKS_KEY}
+    unmasked = lambda it: isinstance(it, dict) and it.get("anomaly") == 1 and it.get("mask_path") == ""  # noqa: E731
+    if flagged:
+        for items in splits.get("test", {}).values():
+            for it in items:
+                if unmasked(it) and set(it) != set(ITEM_KEYS):
+                    raise DatasetError(f"test: item must have exactly the keys {', '.join(ITEM_KEYS)}: {it!r}")
+        splits = {split: {cls: [it for it in items if not (split == "test" and unmasked(it))]
+                          for cls, items in per_cls.items()} for split, per_cls in splits.items()}
+    validate_meta(splits)
+
+
+def write_meta(root: str | Path, meta: dict) -> Path:
+    validate_folder_meta(meta)
+    return atomic_write_json(Path(root) / META_NAME, meta)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", required=True, type=Path, help="folder holding good/ and bad/ (and masks/)")
+    p.add_argument("--name", default=None, help="category name (default: the root folder's name)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--train-good", type=int, default=None, metavar="N",
+                       help=f"move the first N photos of good/ to the train split (default {DEFAULT_TRAIN_GOOD} "
+                            f"when there is no train/good/ folder)")
+    group.add_argument("--train-from", type=Path, default=None, metavar="DIR",
+                       help="use every image of DIR (inside --root) as train references")
+    p.add_argument("--allow-missing-masks", action="store_true",
+                   help="index bad photos without a mask (mask_path '', meta marked missing_masks)")
+    p.add_argument("--allow-empty-masks", action="store_true",
+                   help="index bad photos whose mask has no non-zero pixel")
+    a = p.parse_args(argv)
+    try:
+        meta, rule = build_meta(a.root, a.name, a.train_good, a.train_from, a.allow_missing_masks,
+                                a.allow_empty_masks)
+        path = write_meta(a.root, meta)
+    except (DatasetError, OSError) as e:  # OSError: unreadable folders, meta.json not writable
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(summarise({k: v for k, v in meta.items() if k != MISSING_MASKS_KEY}))
+    print(f"train references: {rule}")
+    if meta.get(MISSING_MASKS_KEY):
+        n = sum(1 for items in meta["test"].values() for it in items if it["anomaly"] and not it["mask_path"])
+        print(f"warning: {n} bad photo(s) indexed without a mask (\"{MISSING_MASKS_KEY}\": true)", file=sys.stderr)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

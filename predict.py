@@ -1,0 +1,455 @@
+"""Score new photos against k normal reference photos of the same product.
+
+    python predict.py --checkpoint CKPT --refs REF_DIR --images 'PHOTOS/*.png' --out OUT
+    python predict.py --checkpoint CKPT --refs a.png b.png --images x.jpg --out OUT --threshold 0.5
+    python predict.py --checkpoint CKPT --refs REF_DIR --images PHOTOS --out OUT \\
+        --threshold-from results/NAME/DATASET/1shot/seed0 --category candle
+    python predict.py --method knn --backbone tiny_clip --refs REF_DIR --images PHOTOS --out OUT  # training-free
+
+Writes to OUT, per query photo, <name>_overlay.png (the photo at its own size with the anomaly map
+blended in) and, with a threshold, <name>_mask.png (white = map >= threshold); then predictions.csv
+and predictions.json (highest score first, with the run's settings, skipped files and why).
+<name> is the photo's file stem, prefixed with parent folder names when stems repeat, the same
+number of folders for every photo of the run (good/000.png, crack/000.png -> good_000, crack_000).
+
+Scores: `score` is the method's own per-photo score (`Method.predict`), which does not depend on
+the other photos of the run. FDSL's evaluation score (test.py) additionally min-max normalises the
+map maximum over all test photos of a category, so it is not computed here, and the image threshold
+a results folder records for FDSL (on that set-relative scale) is not applied to it; see --help of
+--threshold-from.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import io
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data.folder import is_image_file, list_image_files
+from data.images import read_image
+from methods import create_method, list_methods, load_method_config, resolve_method_config
+from methods.base import InferenceOptions, Method
+from methods.checkpoint import load_method, read_checkpoint
+from utils.cli import run_cli
+from utils.config import IMAGE_INDEX, WINMODES, MethodConfig, resolve_device
+from utils.io import atomic_write_json, atomic_write_text, read_json
+from utils.visualize import DEFAULT_ALPHA, DEFAULT_COLORMAP, ColourScale, binary_mask, overlay, save_png
+
+SUMMARY = "predictions.json"
+TABLE = "predictions.csv"
+# test.py run settings that change a map's values (k_shot: the number of references)
+RUN_SETTINGS = ("k_shot", "winmode", "win_size", "win_stride", "win_weight", "image_index")
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+# --------------------------------------------------------------------------- #
+# inputs
+# --------------------------------------------------------------------------- #
+def collect_images(specs: list[str], what: str) -> list[Path]:
+    """Folders (their images, by name), globs (matching image files, sorted) and single files (as
+    given, any extension), in the order given, each file once. Every spec must yield an image, so a
+    typo among several is not silently dropped."""
+    out, seen = [], set()
+    for spec in specs:
+        p = Path(spec)
+        if p.is_dir():
+            found = list_image_files(p)
+            if not found:
+                raise ValueError(f"no {what} image in folder {p} (any format Pillow opens: .png, .jpg, .bmp, "
+                                 f".tif, ...)")
+        elif p.is_file():
+            found = [p]
+        elif glob.has_magic(spec):
+            found = sorted((Path(m) for m in glob.glob(spec, recursive=True) if is_image_file(Path(m))),
+                           key=lambda q: q.as_posix())
+            if not found:
+                raise ValueError(f"no {what} image matched {spec!r}")
+        else:
+            raise FileNotFoundError(f"{what} image or folder not found: {p}")
+        for f in found:
+            key = f.resolve()
+            if key not in seen:
+                seen.add(key)
+                out.append(f)
+    return out
+
+
+def output_names(paths: list[Path]) -> list[str]:
+    """Unique file-name stems for the outputs: the stem, prefixed with as many parent folder names as it
+    takes to tell all photos apart, the same number for every photo (so good/004.png is good_004 next
+    to good_000, not a bare 004), then a counter as the last resort."""
+    parts = [[*p.resolve().parent.parts[1:], p.stem] for p in paths]
+    depth = 1
+    while True:
+        names = ["_".join(pp[-depth:]) for pp in parts]
+        if len(set(names)) == len(names) or depth >= max(len(pp) for pp in parts):
+            break
+        depth += 1
+    used: dict[str, int] = {}
+    out = []
+    for n in names:
+        used[n] = used.get(n, 0) + 1
+        out.append(n if used[n] == 1 else f"{n}_{used[n]}")
+    return out
+
+
+def parse_number(text, what: str) -> float:
+    """A finite number, or ValueError naming the value (and where it came from)."""
+    if isinstance(text, bool):
+        raise ValueError(f"{what} must be a number, got {text!r}")
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{what} must be a finite number, got {text!r}")
+    return value
+
+
+# --------------------------------------------------------------------------- #
+# thresholds
+# --------------------------------------------------------------------------- #
+@dataclass
+class Threshold:
+    pixel: float | None = None  # masks: map >= pixel
+    image: float | None = None  # `anomalous`: score >= image; None -> map_max >= pixel
+    source: str = "none"  # "given", or the metrics.json it was read from
+    category: str | None = None
+    rule: str = ""  # the `anomalous` rule, in words
+    warnings: list[str] = field(default_factory=list)
+    run_config: dict | None = None  # the threshold run's config.json, to compare settings with
+
+
+def set_relative(method: Method | type[Method]) -> bool:
+    """True when the method's final image score (image_scores) is computed over a set of photos, so a
+    threshold on it does not apply to one photo's own score."""
+    cls = method if isinstance(method, type) else type(method)
+    return cls.image_scores is not Method.image_scores
+
+
+def read_threshold(source: str, category: str | None, method_cls: type[Method]) -> Threshold:
+    """p_f1_threshold (masks) and, where it is on the per-photo scale, i_f1_threshold (the anomalous
+    column) of one category of a finished test.py run (a results folder or its metrics.json)."""
+    path = Path(source)
+    metrics_path = path / "metrics.json" if path.is_dir() else path
+    if not metrics_path.is_file():
+        raise FileNotFoundError(f"--threshold-from {source}: no metrics.json there (pass a finished test.py "
+                                f"results folder, e.g. results/NAME/DATASET/1shot/seed0)")
+    data = read_json(metrics_path, "results file")
+    per_cat = data.get("per_category") if isinstance(data, dict) else None
+    if not isinstance(per_cat, dict) or not per_cat:
+        raise ValueError(f"{metrics_path} has no per_category results (not a test.py metrics.json)")
+    if category is None:
+        if len(per_cat) > 1:
+            raise ValueError(f"{metrics_path} holds {len(per_cat)} categories; pick one with --category "
+                             f"({', '.join(sorted(per_cat))})")
+        category = next(iter(per_cat))
+    elif category not in per_cat:
+        raise ValueError(f"--category {category!r} is not in {metrics_path}; it has {', '.join(sorted(per_cat))}")
+    m = per_cat[category]
+    if not isinstance(m, dict):
+        raise ValueError(f"{metrics_path}: per_category[{category!r}] is not an object")
+
+    def number(key: str) -> float:
+        return parse_number(m.get(key), f"{metrics_path}: per_category[{category!r}][{key!r}]")
+
+    t = Threshold(pixel=number("p_f1_threshold"), source=str(metrics_path), category=category)
+    config_path = metrics_path.parent / "config.json"
+    if config_path.is_file():
+        t.run_config = read_json(config_path, "results config")
+        method_cfg = t.run_config.get("method")
+        stored = method_cfg.get("method", "fdsl") if isinstance(method_cfg, dict) else "fdsl"
+        if stored != method_cls.name:
+            raise ValueError(f"{metrics_path} holds thresholds of method '{stored}', but this run uses "
+                             f"'{method_cls.name}'; a threshold only means something on its own method's scale")
+    else:
+        t.warnings.append(f"{config_path} not found: the run's method and settings could not be checked")
+    if set_relative(method_cls):
+        t.rule = (f"map_max >= {t.pixel:.6g} (p_f1_threshold); the run's i_f1_threshold is on method "
+                  f"{method_cls.name}'s set-normalised evaluation score, not on the per-photo score")
+    else:
+        t.image = number("i_f1_threshold")
+        t.rule = f"score >= {t.image:.6g} (i_f1_threshold)"
+    return t
+
+
+def settings_differences(run_config: dict, method: Method, settings: dict, checkpoint: str) -> list[str]:
+    """What differs between the threshold's run and this one among the things that move map values:
+    the effective backbones, weights and input size, the checkpoint, k and the window settings."""
+    diff = []
+    run = run_config.get("test") if isinstance(run_config.get("test"), dict) else {}
+    diff += [k for k in RUN_SETTINGS if k in run and run[k] != settings[k]]
+    stored = run_config.get("method") if isinstance(run_config.get("method"), dict) else {}
+    for key in ("backbones", "image_size"):
+        if key in stored and stored[key] != method.config.get(key):
+            diff.append(key)
+    ck = run.get("checkpoint") or ""
+    if "checkpoint" in run and (bool(ck) != bool(checkpoint)
+                                or (ck and Path(ck).resolve() != Path(checkpoint).resolve())):
+        diff.append(f"checkpoint ({ck or 'none'})")
+    return diff
+
+
+# --------------------------------------------------------------------------- #
+# the method
+# --------------------------------------------------------------------------- #
+def method_class(args) -> type[Method]:
+    """The method a run will use, known before any model is built (to check a threshold file first)."""
+    from methods import METHODS
+
+    if args.checkpoint:
+        name = readable_checkpoint(args.checkpoint)["method"]
+    elif args.method:
+        name = load_method_config(args.method)["method"]
+    else:
+        raise ValueError(f"pass --checkpoint (a trained method) or --method for a training-free one "
+                         f"(known methods: {', '.join(list_methods())})")
+    return METHODS[name]
+
+
+def readable_checkpoint(path: str) -> dict:
+    """read_checkpoint, with a file torch cannot unpickle reported as a bad value, not a traceback."""
+    try:
+        return read_checkpoint(path)
+    except (FileNotFoundError, ValueError):
+        raise
+    except Exception as e:  # unpickling, a truncated zip, a foreign file: all mean "not a checkpoint"
+        raise ValueError(f"cannot read checkpoint {path}: {_one_line(e)}") from e
+
+
+def build_method(args, device: torch.device) -> tuple[Method, dict]:
+    """As test.py builds it: the checkpoint's method (checked against --method/--backbone), or a
+    training-free method from its config."""
+    torch.manual_seed(0)  # random-init parts are seeded by their configs; this fixes anything else
+    if args.checkpoint:
+        return load_method(args.checkpoint, device, args.method, args.backbone, args.pretrained, args.image_size)
+    cfg = resolve_method_config(MethodConfig(name=args.method, backbone=args.backbone, pretrained=args.pretrained,
+                                             image_size=args.image_size))
+    method = create_method(cfg, device)
+    if method.trainable:
+        raise ValueError(f"method '{method.name}' must be trained first: pass --checkpoint (train.py or "
+                         f"trainAndTest.sh writes it)")
+    return method.eval(), {"method": method.name, "method_config": cfg, "epoch": None}
+
+
+def inference_options(args) -> InferenceOptions:
+    if args.winmode not in WINMODES or args.image_index not in IMAGE_INDEX:  # argparse checks; callers may not
+        raise ValueError(f"winmode must be one of {WINMODES} and image-index one of {IMAGE_INDEX}")
+    if not 0.0 <= args.win_weight <= 1.0:
+        raise ValueError(f"--win-weight must be in [0, 1], got {args.win_weight}")
+    if args.win_size < 1 or args.win_stride < 1:
+        raise ValueError(f"--win-size and --win-stride must be >= 1, got {args.win_size}, {args.win_stride}")
+    return InferenceOptions(winmode=args.winmode, win_size=args.win_size, win_stride=args.win_stride,
+                            win_weight=args.win_weight, image_index=args.image_index)
+
+
+def _tensor(arr: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def fit_references(method: Method, paths: list[Path], batch_size: int):
+    """The reference state from the k photos, read in batches (an unreadable reference is an error:
+    without it the run would silently use fewer references than asked)."""
+    chunks = []
+    for s in range(0, len(paths), batch_size):
+        chunks.append(torch.stack([_tensor(read_image(p, method.image_size)[0]) for p in paths[s:s + batch_size]]))
+    return method.fit(torch.cat(chunks), [str(p) for p in paths], batch_size)
+
+
+# --------------------------------------------------------------------------- #
+# the run
+# --------------------------------------------------------------------------- #
+def _clear_previous(out: Path) -> None:
+    """Remove the pictures an earlier run listed in OUT's summary, so no stale mask survives a rerun
+    without a threshold. Only files that summary names are touched."""
+    try:
+        old = read_json(out / SUMMARY, "summary").get("predictions", [])
+    except (FileNotFoundError, ValueError, AttributeError):
+        return
+    for row in old if isinstance(old, list) else []:
+        for key in ("overlay", "mask"):
+            name = row.get(key) if isinstance(row, dict) else None
+            if isinstance(name, str) and name.endswith(".png") and Path(name).name == name:
+                (out / name).unlink(missing_ok=True)
+
+
+def _write_table(path: Path, rows: list[dict], columns: list[str]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in r.items()})
+    atomic_write_text(path, buf.getvalue())
+
+
+def predict(args) -> Path:
+    options = inference_options(args)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.threshold is not None and args.threshold_from:
+        raise ValueError("--threshold and --threshold-from exclude each other: give a value or a results folder")
+    if args.category and not args.threshold_from:
+        raise ValueError("--category picks the category of --threshold-from; it has no use without it")
+    refs = collect_images(args.refs, "reference")
+    queries = collect_images(args.images, "query")
+    cls = method_class(args)
+    if args.threshold is not None:
+        t = parse_number(args.threshold, "--threshold")
+        threshold = Threshold(pixel=t, source="given", rule=f"map_max >= {t:.6g} (the mask is not empty)")
+    elif args.threshold_from:
+        threshold = read_threshold(args.threshold_from, args.category, cls)
+    else:
+        threshold = Threshold(rule="no threshold: no masks, no anomalous column")
+    scale = ColourScale.for_threshold(threshold.pixel, args.colormap)
+
+    device = resolve_device(args.device)
+    method, ckpt = build_method(args, device)
+    method.configure(options)
+    if threshold.run_config is not None:
+        settings = {"k_shot": len(refs), **{k: getattr(options, k) for k in RUN_SETTINGS if k != "k_shot"}}
+        diff = settings_differences(threshold.run_config, method, settings, args.checkpoint)
+        if diff:
+            threshold.warnings.append(f"the threshold's run differs in {', '.join(diff)}: this run's maps may be "
+                                      f"on another scale")
+    for w in threshold.warnings:
+        print(f"predict.py: warning: {w}", file=sys.stderr)
+    state = fit_references(method, refs, args.batch_size)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _clear_previous(out)
+    names = output_names(queries)
+    rows, skipped = [], []
+    bar = tqdm(total=len(queries), desc="predict", unit="image")
+    for start in range(0, len(queries), args.batch_size):
+        loaded = []
+        for path, name in zip(queries[start:start + args.batch_size], names[start:start + args.batch_size]):
+            try:
+                arr, (w, h) = read_image(path, method.image_size)
+            except (ValueError, OSError) as e:  # one bad photo must not cost the others their results
+                skipped.append({"image": str(path), "reason": _one_line(e)})
+                continue
+            loaded.append((path, name, _tensor(arr), (h, w)))
+        # one predict per photo size, so every map is upsampled once, straight to its photo's size
+        by_size: dict[tuple[int, int], list] = {}
+        for entry in loaded:
+            by_size.setdefault(entry[3], []).append(entry)
+        for hw, group in by_size.items():
+            with torch.no_grad():
+                maps, scores = method.predict(torch.stack([g[2] for g in group]).to(device), state, hw)
+            for (path, name, _, _), amap, score in zip(group, maps.float().cpu().numpy(), scores.float().cpu()):
+                rows.append(_write_outputs(out, path, name, amap, float(score), threshold, scale, args.alpha))
+        bar.update(min(args.batch_size, len(queries) - start))
+    bar.close()
+    if not rows:
+        raise ValueError(f"none of the {len(queries)} query image(s) could be read (first: {skipped[0]['image']}: "
+                         f"{skipped[0]['reason']})")
+    for s in skipped:
+        print(f"predict.py: skipped {s['image']}: {s['reason']}", file=sys.stderr)
+    rows.sort(key=lambda r: (-r["score"], r["image"]))
+    columns = ["image", "score", "map_max"] + (["anomalous"] if threshold.pixel is not None else []) \
+        + ["width", "height", "overlay"] + (["mask"] if threshold.pixel is not None else [])
+    _write_table(out / TABLE, rows, columns)
+    n_anomalous = sum(r["anomalous"] for r in rows) if threshold.pixel is not None else None
+    summary = {
+        "method": method.name,
+        "checkpoint": args.checkpoint or None,
+        "checkpoint_epoch": ckpt.get("epoch"),
+        "backbones": {role: spec.get("config") for role, spec in method.config.get("backbones", {}).items()},
+        "image_size": method.image_size,
+        "inference": asdict(options),
+        "device": str(device),
+        "batch_size": args.batch_size,
+        "references": [str(p) for p in refs],
+        "score": ("the method's per-photo score (Method.predict); independent of the other photos"
+                  + (f"; {method.name}'s evaluation score in test.py also min-max normalises the map maximum "
+                     f"over the scored set, which a single photo has not" if set_relative(method) else "")),
+        "threshold": {"pixel": threshold.pixel, "image": threshold.image, "source": threshold.source,
+                      "category": threshold.category, "anomalous_rule": threshold.rule,
+                      "warnings": threshold.warnings},
+        "colour_scale": {**scale.as_dict(), "alpha": args.alpha},
+        "counts": {"queries": len(queries), "scored": len(rows), "skipped": len(skipped), "anomalous": n_anomalous},
+        "skipped": skipped,
+        "predictions": rows,
+    }
+    atomic_write_json(out / SUMMARY, summary)
+    flagged = f", {n_anomalous} anomalous ({threshold.rule})" if n_anomalous is not None else ""
+    print(f"scored {len(rows)} image(s){flagged}; skipped {len(skipped)}; wrote {out / TABLE} and {out / SUMMARY}")
+    return out
+
+
+def _write_outputs(out: Path, path: Path, name: str, amap: np.ndarray, score: float, threshold: Threshold,
+                   scale: ColourScale, alpha: float) -> dict:
+    photo, _ = read_image(path, None)
+    row = {"image": str(path), "score": score, "map_max": float(amap.max()),
+           "width": int(amap.shape[1]), "height": int(amap.shape[0]), "overlay": f"{name}_overlay.png"}
+    save_png(out / row["overlay"], overlay(photo, amap, scale, alpha))
+    if threshold.pixel is not None:
+        row["mask"] = f"{name}_mask.png"
+        save_png(out / row["mask"], binary_mask(amap, threshold.pixel).astype(np.uint8) * 255)
+        row["anomalous"] = bool(score >= threshold.image if threshold.image is not None
+                                else row["map_max"] >= threshold.pixel)
+    return row
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    d = InferenceOptions()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default="", help="epoch_N.pth written by train.py (not for training-free methods)")
+    p.add_argument("--method", default=None, help=f"one of {', '.join(list_methods())}; with --checkpoint it must be "
+                   f"the checkpoint's (default: the checkpoint's)")
+    p.add_argument("--refs", nargs="+", required=True, metavar="DIR_OR_FILE",
+                   help="the k normal reference photos: a folder (all its images) or files")
+    p.add_argument("--images", nargs="+", required=True, metavar="DIR_GLOB_OR_FILE",
+                   help="photos to score: folders, globs (quote them: 'dir/*.png', ** recurses) or files")
+    p.add_argument("--out", required=True,
+                   help="output folder (created; pictures of an earlier run there are replaced)")
+    p.add_argument("--threshold", default=None, metavar="T",
+                   help="map threshold: masks are map >= T, a photo is anomalous when its map maximum is >= T")
+    p.add_argument("--threshold-from", default=None, metavar="RESULTS_RUN_DIR",
+                   help="a finished test.py results folder: its p_f1_threshold for the masks and its "
+                        "i_f1_threshold for the anomalous column, where that is on the per-photo scale (knn, "
+                        "dcpsfr); for fdsl, whose evaluation score is set-normalised, a photo is anomalous when "
+                        "its map maximum reaches p_f1_threshold")
+    p.add_argument("--category", default=None, help="the category of --threshold-from when the run has several")
+    p.add_argument("--backbone", default=None, help="backbone config(s), NAME or role=NAME,...: must match the "
+                   "checkpoint's, or choose a training-free method's")
+    p.add_argument("--pretrained", default=None, help="weights tag or local file, same syntax")
+    p.add_argument("--image-size", type=int, default=None, help="input side in pixels (default: the checkpoint's); "
+                   "every photo is squashed to this square, as in training")
+    p.add_argument("--winmode", default=d.winmode, choices=WINMODES, help="LFE windows (fdsl, knn): nan, mul, onlywin")
+    p.add_argument("--win-size", type=int, default=d.win_size, help="window side in patches")
+    p.add_argument("--win-stride", type=int, default=d.win_stride, help="window stride in patches")
+    p.add_argument("--win-weight", type=float, default=d.win_weight)
+    p.add_argument("--image-index", default=d.image_index, choices=IMAGE_INDEX,
+                   help="where matching uses only the most similar reference")
+    p.add_argument("--batch-size", type=int, default=8, help="photos per forward pass")
+    p.add_argument("--device", default="cpu", help="cpu or a CUDA index")
+    p.add_argument("--colormap", default=DEFAULT_COLORMAP, help="matplotlib colormap of the overlays")
+    p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="weight of the heatmap over the photo")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    def work():
+        args = parse_args(argv)
+        if not 0.0 <= args.alpha <= 1.0:
+            raise ValueError(f"--alpha must be in [0, 1], got {args.alpha}")
+        predict(args)
+
+    return run_cli("predict.py", work)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
