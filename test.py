@@ -22,9 +22,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data.dataset import AnomalyDataset, categories, load_image, load_meta, select_k_shot
-from methods import create_method, list_methods, resolve_method_config
+from methods import list_methods, resolve_method_config
 from methods.base import InferenceOptions, Method
-from methods.checkpoint import load_method, read_checkpoint
+from methods.checkpoint import build_method, read_checkpoint
 from utils import report
 from utils.cli import error_report, run_cli
 from utils.config import (MethodConfig, TestConfig, as_json, differing_keys, effective_test_settings,
@@ -155,21 +155,6 @@ def requested_method(cfg: TestConfig) -> str:
     return resolve_method_config(MethodConfig(name=cfg.method))["method"]
 
 
-def build_method(cfg: TestConfig, device) -> tuple[Method, dict]:
-    """The trained method of the checkpoint, or a training-free method from its config."""
-    if cfg.checkpoint:
-        return load_method(cfg.checkpoint, device, cfg.method, cfg.backbone, cfg.pretrained, cfg.image_size)
-    method_cfg = resolve_method_config(MethodConfig(name=cfg.method, backbone=cfg.backbone, pretrained=cfg.pretrained,
-                                                    image_size=cfg.image_size))
-    method = create_method(method_cfg, device)
-    if method.trainable:
-        raise ValueError(f"method '{method.name}' must be trained first: pass --checkpoint (train.py or "
-                         f"trainAndTest.sh writes it)")
-    method.eval()
-    return method, {"method": method.name, "method_config": method_cfg, "backbones": method.backbone_signatures(),
-                    "epoch": None, "train_config": {}}
-
-
 # What a refused results folder can be answered with, from test.py and from the launchers alike
 REUSE_HINT = "use another model_name (test.py --model-name, launchers: their first argument)"
 
@@ -251,7 +236,8 @@ def _evaluate_locked(cfg: TestConfig, run_dir: Path) -> Path:
     log.setLevel(logging.INFO)  # the run's log file is complete whatever the caller's logging setup
     try:
         torch.manual_seed(cfg.seed)
-        method, ckpt = build_method(cfg, device)
+        method, ckpt = build_method(cfg.checkpoint, cfg.method, cfg.backbone, cfg.pretrained, cfg.image_size,
+                                    device)
         method.configure(inference_options(cfg))
         per_category, info = {}, {}
         log.info("method %s, checkpoint %s (epoch %s), %d categories", method.name, cfg.checkpoint or "none",

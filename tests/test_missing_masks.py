@@ -92,8 +92,9 @@ def test_evaluation_uses_masked_images_for_pixel_metrics(flat, tmp_path):
 
     # recomputed outside test.py from the references it recorded
     config = json.loads((run / "config.json").read_text())
-    cfg, _ = script.parse_args(["--data-root", str(flat), "--method", "knn", "--backbone", "tiny_clip"])
-    method, _ = script.build_method(cfg, torch.device("cpu"))
+    from methods.checkpoint import build_method
+
+    method, _ = build_method("", "knn", "tiny_clip")
     method.configure(InferenceOptions())
     refs = config["references"]["gadget"]
     state = method.fit(torch.stack([load_image(flat / r, method.image_size) for r in refs]), refs)
