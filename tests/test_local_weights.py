@@ -76,7 +76,7 @@ def test_weights_file_through_train_test_and_predict(weights, datasets, tmp_path
     # other weights than the heads were trained on are refused
     capsys.readouterr()
     assert script.main(common + ["--model-name", "c", "--pretrained", "none"]) != 0
-    assert "weights" in capsys.readouterr().err
+    assert "was trained on the backbone weights 'tiny_clip_custom.pt'" in capsys.readouterr().err
 
     refs = sorted((target / "candle" / "train" / "good").glob("*.png"))[:1]
     images = sorted((target / "candle" / "test").rglob("*.png"))[:2]
