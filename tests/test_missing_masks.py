@@ -124,3 +124,13 @@ def test_training_refuses_missing_masks(flat, tmp_path):
     with pytest.raises(ValueError, match=r"dataset 'gadget' .* has 2 anomalous test image\(s\) without a mask"):
         train.train(cfg)
     assert not list((tmp_path / "ckpt").glob("*.pth"))
+
+
+def test_train_cli_refusal_is_one_line(flat, tmp_path, capsys):
+    import train
+
+    rc = train.main(["--data-root", str(flat), "--dataset", "gadget", "--out-dir", str(tmp_path / "ckpt"),
+                     "--backbone", "tiny_clip", "--epochs", "1"])
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.strip()]
+    assert rc != 0 and len(err) == 1, err
+    assert "dataset 'gadget'" in err[0] and "2 anomalous test image(s) without a mask" in err[0]
