@@ -244,6 +244,7 @@ def test_config(launch: Launch, plan: MethodPlan, train_set: DatasetSpec, test_s
                       results_root=str(results_root()), model_name=results_folder(launch, plan), seed=launch.seed,
                       k_shot=launch.k_shot, **test_settings(launch),
                       batch_size=_env_int("BATCH_SIZE", 8), device=launch.device,
+                      save_images=_env_int("SAVE_IMAGES", 0),
                       # trained: None = what the checkpoint was trained with (e.g. weights at another path
                       # here); training-free: the method config's unless set
                       backbone=_env("BACKBONE"), pretrained=_env("PRETRAINED"), image_size=_env_int("IMAGE_SIZE"))

@@ -35,11 +35,11 @@ from tqdm import tqdm
 
 from data.folder import is_image_file, list_image_files
 from data.images import read_image
-from methods import create_method, list_methods, load_method_config, resolve_method_config
+from methods import list_methods, load_method_config
 from methods.base import InferenceOptions, Method
-from methods.checkpoint import load_method, read_checkpoint
+from methods.checkpoint import build_method, read_checkpoint
 from utils.cli import run_cli
-from utils.config import IMAGE_INDEX, WINMODES, MethodConfig, resolve_device
+from utils.config import IMAGE_INDEX, WINMODES, resolve_device
 from utils.io import atomic_write_json, atomic_write_text, read_json
 from utils.visualize import DEFAULT_ALPHA, DEFAULT_COLORMAP, ColourScale, binary_mask, overlay, save_png
 
@@ -228,21 +228,6 @@ def readable_checkpoint(path: str) -> dict:
         raise ValueError(f"cannot read checkpoint {path}: {_one_line(e)}") from e
 
 
-def build_method(args, device: torch.device) -> tuple[Method, dict]:
-    """As test.py builds it: the checkpoint's method (checked against --method/--backbone), or a
-    training-free method from its config."""
-    torch.manual_seed(0)  # random-init parts are seeded by their configs; this fixes anything else
-    if args.checkpoint:
-        return load_method(args.checkpoint, device, args.method, args.backbone, args.pretrained, args.image_size)
-    cfg = resolve_method_config(MethodConfig(name=args.method, backbone=args.backbone, pretrained=args.pretrained,
-                                             image_size=args.image_size))
-    method = create_method(cfg, device)
-    if method.trainable:
-        raise ValueError(f"method '{method.name}' must be trained first: pass --checkpoint (train.py or "
-                         f"trainAndTest.sh writes it)")
-    return method.eval(), {"method": method.name, "method_config": cfg, "epoch": None}
-
-
 def inference_options(args) -> InferenceOptions:
     if args.winmode not in WINMODES or args.image_index not in IMAGE_INDEX:  # argparse checks; callers may not
         raise ValueError(f"winmode must be one of {WINMODES} and image-index one of {IMAGE_INDEX}")
@@ -314,7 +299,9 @@ def predict(args) -> Path:
     scale = ColourScale.for_threshold(threshold.pixel, args.colormap)
 
     device = resolve_device(args.device)
-    method, ckpt = build_method(args, device)
+    torch.manual_seed(0)  # random-init parts are seeded by their configs; this fixes anything else
+    method, ckpt = build_method(args.checkpoint, args.method, args.backbone, args.pretrained, args.image_size,
+                                device)
     method.configure(options)
     if threshold.run_config is not None:
         settings = {"k_shot": len(refs), **{k: getattr(options, k) for k in RUN_SETTINGS if k != "k_shot"}}

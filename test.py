@@ -13,7 +13,7 @@ import argparse
 import logging
 import sys
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
@@ -22,9 +22,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data.dataset import AnomalyDataset, categories, load_image, load_meta, select_k_shot
-from methods import create_method, list_methods, resolve_method_config
+from methods import list_methods, resolve_method_config
 from methods.base import InferenceOptions, Method
-from methods.checkpoint import load_method, read_checkpoint
+from methods.checkpoint import build_method, read_checkpoint
 from utils import report
 from utils.cli import error_report, run_cli
 from utils.config import (MethodConfig, TestConfig, as_json, differing_keys, effective_test_settings,
@@ -55,7 +55,41 @@ def inference_options(cfg: TestConfig) -> InferenceOptions:
                             win_weight=cfg.win_weight, image_index=cfg.image_index)
 
 
-def evaluate_category(method: Method, cfg: TestConfig, root: Path, meta: dict, cls: str) -> tuple[dict, dict]:
+def image_names(img_paths: list[str]) -> list[str]:
+    """Unique file stems for a category's images: the stem, prefixed with as many parent folder names
+    as it takes to tell all of them apart (MVTec: good_000 and broken_large_000, not two 000)."""
+    parts = [PurePosixPath(p).parent.parts + (PurePosixPath(p).stem,) for p in img_paths]
+    longest = max((len(pp) for pp in parts), default=1)
+    for depth in range(1, longest + 1):
+        names = ["_".join(pp[-depth:]) for pp in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [f"{n}_{i}" for i, n in enumerate(names)]
+
+
+def save_category_images(run_dir: Path, cls: str, ds: AnomalyDataset, metrics: dict, labels: np.ndarray,
+                         scores: np.ndarray, masks: np.ndarray, maps: np.ndarray, all_maps: np.ndarray,
+                         has_mask: np.ndarray, cfg: TestConfig) -> None:
+    """--save-images: panels of the most wrong images (the save_images highest-scoring normal and
+    lowest-scoring anomalous ones; -1 = all) in run_dir/images/<cls>/, and the category's ROC/PR/PRO
+    curves in run_dir/curves/ drawn from the arrays the metrics were computed on."""
+    from utils.visualize import ColourScale, pick_images, save_curves, save_panel
+
+    t = metrics.get("p_f1_threshold")
+    t = float(t) if t is not None and np.isfinite(t) else None
+    scale = ColourScale.for_threshold(t)
+    n = len(labels) if cfg.save_images < 0 else cfg.save_images
+    normal, anomalous = pick_images(labels, scores, n)
+    names = image_names([it["img_path"] for it in ds.items])
+    for i in normal + anomalous:
+        sample = ds[i]
+        save_panel(run_dir / "images" / cls / f"{names[i]}.png", sample["image"], all_maps[i], scale,
+                   sample["mask"].numpy() if has_mask[i] else None, t)
+    save_curves(run_dir / "curves", cls, labels, scores, masks, maps, cfg.fpr_limit)
+
+
+def evaluate_category(method: Method, cfg: TestConfig, root: Path, meta: dict, cls: str,
+                      run_dir: Path | None = None) -> tuple[dict, dict]:
     refs = select_k_shot(meta, cls, cfg.k_shot, cfg.seed)
     ref_images = torch.stack([load_image(root / it["img_path"], method.image_size) for it in refs])
     state = method.fit(ref_images, [it["img_path"] for it in refs], cfg.batch_size)
@@ -64,7 +98,7 @@ def evaluate_category(method: Method, cfg: TestConfig, root: Path, meta: dict, c
     out_size = _mask_size(root, items, cfg.eval_size)
     ds = AnomalyDataset(root, "test", method.image_size, items=items, mask_size=cfg.eval_size or None)
     loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=False)
-    maps, raw_scores, masks, labels = [], [], [], []
+    maps, raw_scores, masks, labels, has_mask = [], [], [], [], []
     t0 = time.perf_counter()
     for batch in tqdm(loader, desc=f"test {cls}", leave=False):
         m, s = method.predict(batch["image"].to(method.device), state, out_size)
@@ -72,14 +106,33 @@ def evaluate_category(method: Method, cfg: TestConfig, root: Path, meta: dict, c
         raw_scores.append(s.cpu())
         masks.append(batch["mask"])
         labels.append(batch["label"])
+        has_mask.append(batch["has_mask"])
     seconds = time.perf_counter() - t0
     maps_t = torch.cat(maps)
     scores = method.image_scores(torch.cat(raw_scores), maps_t)
-    metrics = compute_category_metrics(torch.cat(labels).numpy(), scores.numpy(), torch.cat(masks).numpy() > 0.5,
-                                       maps_t.numpy(), fpr_limit=cfg.fpr_limit)
+    # image metrics over all images; pixel metrics over the images with a mask (normal ones count:
+    # their mask is all zero), so an anomalous photo without a mask is not scored as defect-free
+    masked = torch.cat(has_mask).numpy().astype(bool)
+    labels_np, scores_np = torch.cat(labels).numpy(), scores.numpy()
+    masks_np, maps_np = torch.cat(masks).numpy()[masked] > 0.5, maps_t.numpy()[masked]
+    metrics = compute_category_metrics(labels_np, scores_np, masks_np, maps_np, fpr_limit=cfg.fpr_limit)
     info = {"references": [it["img_path"] for it in refs], "n_test": len(items),
+            "n_pixel_eval": int(masked.sum()), "n_missing_masks": int((~masked).sum()),
             "seconds_per_image": seconds / max(len(items), 1), **method.state_nbytes(state)}
+    if cfg.save_images and run_dir is not None:
+        save_category_images(run_dir, cls, ds, metrics, labels_np, scores_np, masks_np, maps_np,
+                             maps_t.numpy(), masked, cfg)
     return metrics, info
+
+
+def missing_masks_note(info: dict) -> str | None:
+    """The table's note when anomalous images without a mask were left out of the pixel metrics."""
+    missing = {c: i["n_missing_masks"] for c, i in info.items() if i.get("n_missing_masks")}
+    if not missing:
+        return None
+    return ("Pixel metrics exclude anomalous images without a mask (image metrics use all images): " +
+            ", ".join(f"{c} {n} of {info[c]['n_test']} (pixel metrics over {info[c]['n_pixel_eval']})"
+                      for c, n in missing.items()) + ".")
 
 
 # Settings that change numbers; a finished run with other values must not be taken as done.
@@ -100,21 +153,6 @@ def requested_method(cfg: TestConfig) -> str:
         raise ValueError(f"pass --checkpoint (a trained method) or --method for a training-free one "
                          f"(known methods: {', '.join(list_methods())})")
     return resolve_method_config(MethodConfig(name=cfg.method))["method"]
-
-
-def build_method(cfg: TestConfig, device) -> tuple[Method, dict]:
-    """The trained method of the checkpoint, or a training-free method from its config."""
-    if cfg.checkpoint:
-        return load_method(cfg.checkpoint, device, cfg.method, cfg.backbone, cfg.pretrained, cfg.image_size)
-    method_cfg = resolve_method_config(MethodConfig(name=cfg.method, backbone=cfg.backbone, pretrained=cfg.pretrained,
-                                                    image_size=cfg.image_size))
-    method = create_method(method_cfg, device)
-    if method.trainable:
-        raise ValueError(f"method '{method.name}' must be trained first: pass --checkpoint (train.py or "
-                         f"trainAndTest.sh writes it)")
-    method.eval()
-    return method, {"method": method.name, "method_config": method_cfg, "backbones": method.backbone_signatures(),
-                    "epoch": None, "train_config": {}}
 
 
 # What a refused results folder can be answered with, from test.py and from the launchers alike
@@ -198,13 +236,14 @@ def _evaluate_locked(cfg: TestConfig, run_dir: Path) -> Path:
     log.setLevel(logging.INFO)  # the run's log file is complete whatever the caller's logging setup
     try:
         torch.manual_seed(cfg.seed)
-        method, ckpt = build_method(cfg, device)
+        method, ckpt = build_method(cfg.checkpoint, cfg.method, cfg.backbone, cfg.pretrained, cfg.image_size,
+                                    device)
         method.configure(inference_options(cfg))
         per_category, info = {}, {}
         log.info("method %s, checkpoint %s (epoch %s), %d categories", method.name, cfg.checkpoint or "none",
                  ckpt["epoch"], len(classes))
         for cls in tqdm(classes, desc=f"{cfg.dataset} {cfg.k_shot}-shot seed {cfg.seed}"):
-            per_category[cls], info[cls] = evaluate_category(method, cfg, root, meta, cls)
+            per_category[cls], info[cls] = evaluate_category(method, cfg, root, meta, cls, run_dir)
             m = per_category[cls]
             log.info("%s: i-AUROC %.4f p-AUROC %.4f p-AUPRO %.4f, %.3f s/image, references %s", cls, m["i_auroc"],
                      m["p_auroc"], m["p_aupro"], info[cls]["seconds_per_image"], info[cls]["references"])
@@ -213,7 +252,8 @@ def _evaluate_locked(cfg: TestConfig, run_dir: Path) -> Path:
                   "references": {c: info[c]["references"] for c in classes}}
         seconds = [info[c]["seconds_per_image"] for c in classes]
         table = report.write_run(run_dir, config, per_category,
-                                 extra={"seconds_per_image": float(np.mean(seconds)), "categories": info})
+                                 extra={"seconds_per_image": float(np.mean(seconds)), "categories": info},
+                                 note=missing_masks_note(info))
     except BaseException as e:
         # straight to the file: the caller prints the error (run_cli) or shows the traceback
         handler.handle(logging.makeLogRecord({"msg": error_report(e), "levelno": logging.ERROR,
@@ -265,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="test images per forward "
                    "(default: %(default)s)")
+    p.add_argument("--save-images", type=int, default=d.save_images, metavar="N", help="per category, save "
+                   "panels of the N highest-scoring normal and N lowest-scoring anomalous images to "
+                   "<run>/images/<category>/ and the ROC/PR/PRO curves to <run>/curves/; -1 = all images, "
+                   "0 = off (default: %(default)s)")
     p.add_argument("--device", default=d.device, help="cpu or a CUDA index (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="redo a finished run, overwriting its results "
                    "(default: off)")

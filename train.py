@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data.dataset import AnomalyDataset, categories, load_image, load_meta, make_augmentation, select_k_shot
+from data.meta import missing_mask_items
 from methods import METHODS, create_method, list_methods, resolve_method_config
 from methods.base import Method
 from methods.checkpoint import DamagedCheckpointError, check_backbones, checkpoint_payload, read_checkpoint
@@ -110,6 +111,16 @@ def resolve_training(cfg: TrainConfig) -> tuple[TrainConfig, dict]:
     return cfg, method_cfg
 
 
+def check_training_masks(meta: dict, classes: list[str], dataset: str, root: Path) -> None:
+    """Training learns from the test split's masks: an anomalous image without one (a meta.json
+    marked "missing_masks") would teach "defect-free" on its defect pixels, so it is refused."""
+    missing = missing_mask_items(meta, "test", classes)
+    if missing:
+        raise ValueError(f"dataset '{dataset}' ({root}) has {len(missing)} anomalous test image(s) without a mask "
+                         f"(e.g. {missing[0]['img_path']}); training needs every defect mask: add the masks "
+                         f"and re-index, or train on another dataset (test.py can evaluate it)")
+
+
 OUT_DIR_HINT = "use another out-dir (launchers: another model_name)"
 
 
@@ -141,6 +152,7 @@ def _train_locked(cfg: TrainConfig, method_cfg: dict, device) -> Path:
     root = Path(cfg.data_root)
     meta = load_meta(root)
     classes = categories(meta, cfg.classes, "test")
+    check_training_masks(meta, classes, cfg.dataset, root)
     try:
         return _fit(cfg, method_cfg, device, out_dir, root, meta, classes, done, last, ckpt)
     except BaseException as e:

@@ -132,8 +132,7 @@ class AnomalyDataset(torch.utils.data.Dataset):
     def load(self, item: dict) -> tuple[torch.Tensor, torch.Tensor]:
         img_path = self._path(item, "img_path")
         mask_path = self._path(item, "mask_path") if item.get("mask_path") else None
-        if item.get("anomaly", 0) and mask_path is None:
-            raise ValueError(f"{item['img_path']}: anomalous item without a mask_path in meta.json")
+        # an anomalous item without a mask (meta "missing_masks"): an all-zero mask, has_mask False
         img, img_wh = _image(img_path, self.size)
         if mask_path is None:
             hw = (self.mask_size, self.mask_size) if self.mask_size else (img_wh[1], img_wh[0])
@@ -150,6 +149,7 @@ class AnomalyDataset(torch.utils.data.Dataset):
         if self.augment is not None:
             img, mask = self.augment(self, i, img, mask, np.random.default_rng((self.seed, self.epoch, i)))
         return {"image": img, "mask": mask, "label": int(mask.max() > 0.5 or item.get("anomaly", 0)),
+                "has_mask": bool(item.get("mask_path")) or not item.get("anomaly", 0),
                 "cls_name": item["cls_name"], "img_path": item["img_path"]}
 
 

@@ -19,9 +19,9 @@ The first N by name, not a random draw: the choice is visible in the file list a
 are added. k-shot sampling then draws its k references at random from this pool (seeded).
 
 A bad photo without a mask stops the indexer (pixel metrics need every mask); --allow-missing-masks
-indexes it with mask_path '' and marks the file with "missing_masks": true at the top level. Such a
-meta.json is refused by data.meta.validate_meta today: it needs the loader changes named in
-README_predict_notes.md before test.py can evaluate it.
+indexes it with mask_path '' and marks the file with "missing_masks": true at the top level. test.py
+then computes the image metrics over all photos and the pixel metrics over the photos with a mask
+(metrics.json records how many); train.py refuses such a dataset.
 """
 from __future__ import annotations
 
@@ -35,12 +35,11 @@ if __package__ in (None, ""):  # run as `python data/folder.py`: make the projec
 from PIL import Image  # noqa: E402
 
 from data.images import check_items  # noqa: E402
-from data.meta import (ITEM_KEYS, META_NAME, DatasetError, make_item, rel_posix, sort_meta,  # noqa: E402
-                       summarise, validate_meta)
+from data.meta import (META_NAME, MISSING_MASKS_KEY, DatasetError, make_item, rel_posix,  # noqa: E402
+                       sort_meta, summarise, validate_meta)
 from utils.io import atomic_write_json  # noqa: E402
 
 DEFAULT_TRAIN_GOOD = 4
-MISSING_MASKS_KEY = "missing_masks"
 
 
 def image_extensions() -> frozenset[str]:
@@ -148,8 +147,7 @@ def build_meta(root: str | Path, name: str | None = None, train_good: int | None
     if missing and not allow_missing_masks:
         raise DatasetError(f"{len(missing)} photo(s) in bad/ have no mask in {root / 'masks'}: "
                            f"{_shown([p.name for p in missing])}; add masks (same stem) or pass "
-                           f"--allow-missing-masks (pixel metrics then need the loader changes in "
-                           f"README_predict_notes.md)")
+                           f"--allow-missing-masks (pixel metrics then leave those photos out)")
 
     def item(img: Path, mask: Path | None, specie: str, anomaly: int) -> dict:
         return make_item(rel_posix(img, root), rel_posix(mask, root) if mask else "", cls, specie, anomaly)
@@ -165,19 +163,8 @@ def build_meta(root: str | Path, name: str | None = None, train_good: int | None
 
 
 def validate_folder_meta(meta: dict) -> None:
-    """validate_meta, except that a meta marked missing_masks may hold anomalous test items with
-    mask_path ''. Those items are checked for their keys here and everything else by validate_meta."""
-    flagged = bool(meta.get(MISSING_MASKS_KEY, False))
-    splits = {k: v for k, v in meta.items() if k != MISSING_MASKS_KEY}
-    unmasked = lambda it: isinstance(it, dict) and it.get("anomaly") == 1 and it.get("mask_path") == ""  # noqa: E731
-    if flagged:
-        for items in splits.get("test", {}).values():
-            for it in items:
-                if unmasked(it) and set(it) != set(ITEM_KEYS):
-                    raise DatasetError(f"test: item must have exactly the keys {', '.join(ITEM_KEYS)}: {it!r}")
-        splits = {split: {cls: [it for it in items if not (split == "test" and unmasked(it))]
-                          for cls, items in per_cls.items()} for split, per_cls in splits.items()}
-    validate_meta(splits)
+    """validate_meta: a meta marked missing_masks may hold anomalous test items with mask_path ''."""
+    validate_meta(meta)
 
 
 def write_meta(root: str | Path, meta: dict) -> Path:
@@ -207,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     except (DatasetError, OSError) as e:  # OSError: unreadable folders, meta.json not writable
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(summarise({k: v for k, v in meta.items() if k != MISSING_MASKS_KEY}))
+    print(summarise(meta))
     print(f"train references: {rule}")
     if meta.get(MISSING_MASKS_KEY):
         n = sum(1 for items in meta["test"].values() for it in items if it["anomaly"] and not it["mask_path"])

@@ -3,6 +3,10 @@
 Schema: {"train": {cls: [item, ...]}, "test": {cls: [item, ...]}} where an item is
 {"img_path", "mask_path", "cls_name", "specie_name", "anomaly"}; paths are relative to
 the dataset root with forward slashes, and mask_path is '' for normal images.
+
+Optional top-level key "missing_masks" (a bool): when true, anomalous test items may have
+mask_path '' (photos whose defect was not outlined; data/folder.py --allow-missing-masks). They
+count in the image metrics; test.py computes the pixel metrics over the masked images only.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ META_NAME = "meta.json"
 SPLITS = ("train", "test")
 ITEM_KEYS = ("img_path", "mask_path", "cls_name", "specie_name", "anomaly")
 IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".bmp"})
+MISSING_MASKS_KEY = "missing_masks"
 
 
 class DatasetError(ValueError):
@@ -42,10 +47,26 @@ def make_item(img_path: str, mask_path: str, cls_name: str, specie_name: str, an
 
 
 def sort_meta(meta: dict) -> dict:
-    """Classes by name, items by image path, so the file is reproducible byte for byte."""
-    return {split: {cls: sorted(meta.get(split, {})[cls], key=lambda it: it["img_path"])
-                    for cls in sorted(meta.get(split, {}))}
-            for split in SPLITS}
+    """Classes by name, items by image path, so the file is reproducible byte for byte; a
+    "missing_masks" flag is kept."""
+    out = {split: {cls: sorted(meta.get(split, {})[cls], key=lambda it: it["img_path"])
+                   for cls in sorted(meta.get(split, {}))}
+           for split in SPLITS}
+    if MISSING_MASKS_KEY in meta:
+        out[MISSING_MASKS_KEY] = meta[MISSING_MASKS_KEY]
+    return out
+
+
+def has_missing_masks(meta: dict) -> bool:
+    """True when the meta is flagged "missing_masks" (anomalous test items may lack a mask)."""
+    return meta.get(MISSING_MASKS_KEY) is True
+
+
+def missing_mask_items(meta: dict, split: str = "test", classes=None) -> list[dict]:
+    """Anomalous items of `split` (of `classes`, default all) that have no mask_path."""
+    per_cls = meta.get(split, {})
+    return [it for cls in (per_cls if classes is None else classes) for it in per_cls.get(cls, [])
+            if it["anomaly"] and not it["mask_path"]]
 
 
 def _is_rel_posix(value: object) -> bool:
@@ -69,7 +90,7 @@ def leaves_root(rel: str) -> bool:
     return False
 
 
-def _check_item(item: object, split: str, cls: str) -> str | None:
+def _check_item(item: object, split: str, cls: str, missing_masks: bool = False) -> str | None:
     if not isinstance(item, dict) or set(item) != set(ITEM_KEYS):
         return f"{split}/{cls}: item must have exactly the keys {', '.join(ITEM_KEYS)}: {item!r}"
     where = f"{split}/{cls}: {item['img_path']!r}"
@@ -85,8 +106,10 @@ def _check_item(item: object, split: str, cls: str) -> str | None:
             return f"{where}: {key} {value!r} leaves the dataset root; paths must stay inside it"
     if not item["img_path"]:
         return f"{split}/{cls}: empty img_path"
-    if bool(item["anomaly"]) != bool(item["mask_path"]):
+    if bool(item["anomaly"]) != bool(item["mask_path"]) and not (missing_masks and split == "test"):
         return f"{where}: anomalous items need a mask_path and normal items must have ''"
+    if item["mask_path"] and not item["anomaly"]:
+        return f"{where}: normal items must have mask_path ''"
     if split == "train" and item["anomaly"]:
         return f"{where}: the train split must hold normal images only"
     return None
@@ -94,14 +117,20 @@ def _check_item(item: object, split: str, cls: str) -> str | None:
 
 def validate_meta(meta: dict, root: str | os.PathLike | None = None) -> None:
     """Raise DatasetError on the first schema violation; with `root`, also check files exist."""
-    if not isinstance(meta, dict) or set(meta) != set(SPLITS):
-        raise DatasetError(f"meta must have exactly the keys {SPLITS}, got {list(meta)[:5]!r}")
+    if not isinstance(meta, dict) or not set(SPLITS) <= set(meta) <= {*SPLITS, MISSING_MASKS_KEY}:
+        raise DatasetError(f"meta must have exactly the keys {SPLITS} (and optionally "
+                           f"{MISSING_MASKS_KEY!r}), got {list(meta)[:5]!r}")
+    flag = meta.get(MISSING_MASKS_KEY, False)
+    if not isinstance(flag, bool):
+        raise DatasetError(f"{MISSING_MASKS_KEY} must be true or false, got {flag!r}")
     for split in SPLITS:
+        if not isinstance(meta[split], dict):
+            raise DatasetError(f"{split}: expected an object of categories")
         for cls, items in meta[split].items():
             if not isinstance(items, list):
                 raise DatasetError(f"{split}/{cls}: expected a list of items")
             for item in items:
-                problem = _check_item(item, split, cls)
+                problem = _check_item(item, split, cls, flag)
                 if problem:
                     raise DatasetError(problem)
                 if root is not None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from methods import create_method, split_roles
+from methods import create_method, resolve_method_config, split_roles
 from methods.base import Method
 
 FORMAT = "fsad-method/1"
@@ -150,3 +150,25 @@ def load_method(path: str | Path, device="cpu", method: str | None = None, backb
         built.heads.load_state_dict(ckpt["state"])
     built.eval()
     return built, ckpt
+
+
+def build_method(checkpoint: str | Path | None, method: str | None = None, backbone: str | None = None,
+                 pretrained: str | None = None, image_size: int | None = None,
+                 device="cpu") -> tuple[Method, dict]:
+    """The method test.py and predict.py run, in eval mode: the checkpoint's trained method (checked
+    against `method`/`backbone`, see load_method), or without a checkpoint a training-free `method`
+    built from its config. The dict: the checkpoint, or for a training-free method {method,
+    method_config, backbones (signatures), epoch None, train_config {}}."""
+    if checkpoint:
+        return load_method(checkpoint, device, method, backbone, pretrained, image_size)
+    from utils.config import MethodConfig
+
+    method_cfg = resolve_method_config(MethodConfig(name=method, backbone=backbone, pretrained=pretrained,
+                                                    image_size=image_size))
+    built = create_method(method_cfg, device)
+    if built.trainable:
+        raise ValueError(f"method '{built.name}' must be trained first: pass --checkpoint (train.py or "
+                         f"trainAndTest.sh writes it)")
+    built.eval()
+    return built, {"method": built.name, "method_config": method_cfg, "backbones": built.backbone_signatures(),
+                   "epoch": None, "train_config": {}}

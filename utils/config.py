@@ -73,6 +73,7 @@ class TestConfig:
     fpr_limit: float = 0.3
     batch_size: int = 8
     device: str = "cpu"
+    save_images: int = 0  # per category, panels of the N most wrong normal/anomalous images; -1 = all, 0 = off
 
 
 def check_seed(seed: int) -> None:
@@ -94,6 +95,8 @@ def validate_test(cfg: TestConfig) -> None:
         raise ValueError(f"kshots must be >= 1, got {cfg.k_shot}")
     if cfg.eval_size < 0:
         raise ValueError(f"eval-size must be >= 0 (0 = original mask resolution), got {cfg.eval_size}")
+    if cfg.save_images < -1:
+        raise ValueError(f"save-images must be >= -1 (-1 = all images, 0 = off), got {cfg.save_images}")
 
 
 def resolve_device(device: str | int) -> torch.device:

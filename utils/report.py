@@ -111,12 +111,13 @@ def format_run_table(per_category: dict, mean: dict, excluded: dict) -> str:
     return table + "\n\n" + _excluded_note(excluded, len(per_category)) + "\n"
 
 
-def write_run(run_dir, config: dict, per_category: dict, extra: dict | None = None) -> str:
+def write_run(run_dir, config: dict, per_category: dict, extra: dict | None = None, note: str | None = None) -> str:
     """Write config.json, table.md and finally metrics.json (all atomic).
 
     metrics.json = {"per_category", "mean" (over categories, NaN excluded),
     "excluded" (categories left out of each mean), **extra}.  Returns the
-    print-ready table (the content of table.md).
+    print-ready table (the content of table.md); `note`, when given, is a paragraph
+    appended to the table.
     """
     extra = dict(extra or {})
     clash = [k for k in extra if k in _RESERVED]
@@ -125,6 +126,8 @@ def write_run(run_dir, config: dict, per_category: dict, extra: dict | None = No
     per_category = {str(c): dict(m) for c, m in per_category.items()}
     mean, excluded = category_mean(per_category)
     table = format_run_table(per_category, mean, excluded)
+    if note:
+        table += "\n" + note.strip() + "\n"
     d = Path(run_dir)
     atomic_write_json(d / "config.json", config)
     atomic_write_text(d / "table.md", table)
