@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.backbones import create_backbone  # noqa: E402
-from models.detector import FDSLDetector  # noqa: E402
+from methods.fdsl import FDSLMethod  # noqa: E402
 from models.fdsl import FDSL  # noqa: E402
 from models.lfe import WindowLayout, WindowScorer, blend  # noqa: E402
 
@@ -174,7 +174,7 @@ def main(argv=None) -> int:
     device = torch.device(a.device if a.device == "cpu" or a.device.startswith("cuda") else f"cuda:{a.device}")
     torch.manual_seed(0)
     backbone = create_backbone(a.backbone, device, a.pretrained, a.image_size)
-    detector = FDSLDetector(backbone, FDSL(backbone.layer_dims, use_nam=True).to(device)).eval()
+    detector = FDSLMethod(backbone, FDSL(backbone.layer_dims, use_nam=True).to(device)).eval()
     v = backbone.visual
     depth, width = len(v.transformer.resblocks), int(v.conv1.out_channels)
     mlp = int(v.transformer.resblocks[0].mlp.c_fc.out_features)

@@ -220,7 +220,7 @@ class OpenCLIPBackbone(Backbone):
                 raise BackboneError(
                     f"could not load open_clip weights '{weights}' for {model_name}. Without hub access, "
                     f"download the checkpoint elsewhere and pass the local file with "
-                    f"FDSL_PRETRAINED=/path/to/file (or --pretrained /path/to/file); OpenAI weights need "
+                    f"FSAD_PRETRAINED=/path/to/file (or --pretrained /path/to/file); OpenAI weights need "
                     f"quick_gelu=true in the backbone config. open_clip said: {e}") from e
         if archive:  # open_clip would unpickle it with weights_only=True, which refuses TorchScript
             _load_archive(model, weights, model_name)

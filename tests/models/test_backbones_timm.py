@@ -228,7 +228,7 @@ def test_hub_failure_names_the_local_file_option(monkeypatch, name):
     small = ({"depth": 1, "embed_dim": 32, "num_heads": 1} if name.startswith("dinov2")
              else {"layers": [1, 1, 1, 1], "base_width": 8})
     cfg = dict(load_backbone_config(name), model_kwargs=small, layers=[1] if name.startswith("dinov2") else [2, 3])
-    with pytest.raises(BackboneError, match="FDSL_PRETRAINED=/path/to/file"):
+    with pytest.raises(BackboneError, match="FSAD_PRETRAINED=/path/to/file"):
         create_backbone(cfg)
 
 
