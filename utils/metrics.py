@@ -292,14 +292,20 @@ def aupro(masks, maps, fpr_limit: float = 0.3) -> float:
     Returns NaN when there is no defect region or no anomaly-free pixel.
     """
     fpr_limit = _check_limit(fpr_limit)
+    points = _pro_curve_points(masks, maps)
+    return NAN if points is None else _partial_area(*points, fpr_limit)
+
+
+def _pro_curve_points(masks, maps) -> tuple[np.ndarray, np.ndarray] | None:
+    """The full PRO curve of a category's maps (see _pro_points); None when there is no defect
+    region or no anomaly-free pixel. Shared by ``aupro`` and ``pro_curve``."""
     m, a = _pair_maps(masks, maps)
     region_ids, n_regions = _defect_region_ids(m)
     n_normal = m.size - region_ids.size
     if n_regions == 0 or n_normal == 0:
-        return NAN
-    flat_m = m.ravel()
+        return None
     w = _region_weights(region_ids, n_regions)
-    return _aupro_from_runs(_runs(a.ravel(), flat_m, w), n_normal, fpr_limit)
+    return _pro_points(_runs(a.ravel(), m.ravel(), w), n_normal)
 
 
 # --------------------------------------------------------------------------- #
@@ -351,13 +357,8 @@ def pro_curve(masks, maps, fpr_limit: float = 0.3) -> tuple[np.ndarray, np.ndarr
     curve ``aupro`` integrates; None when there is no defect region or no
     anomaly-free pixel."""
     fpr_limit = _check_limit(fpr_limit)
-    m, a = _pair_maps(masks, maps)
-    region_ids, n_regions = _defect_region_ids(m)
-    n_normal = m.size - region_ids.size
-    if n_regions == 0 or n_normal == 0:
-        return None
-    w = _region_weights(region_ids, n_regions)
-    return _cut_curve(*_pro_points(_runs(a.ravel(), m.ravel(), w), n_normal), fpr_limit)
+    points = _pro_curve_points(masks, maps)
+    return None if points is None else _cut_curve(*points, fpr_limit)
 
 
 # --------------------------------------------------------------------------- #
