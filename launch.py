@@ -7,8 +7,8 @@ dcpsfr or knn), paths, backbone and schedule come from environment variables (RE
 "Launchers"), so the nine positional arguments stay those of the authors' scripts. A
 training-free method (knn) skips training and is tested on both datasets.
 
-Folders: the heads go to results/<model_name>/checkpoints/train_<dataset>_<method tag>/seed<train
-seed>/, shared by every test configuration of those heads; results go to
+Folders: the heads go to results/<model_name>/checkpoints/train_<dataset>_<method tag>[_<precision>]/
+seed<train seed>/, shared by every test configuration of those heads; results go to
 results/<model_name>_<settings tag>/<dataset>/<k>shot/seed<seed>/, where the tag names every test
 setting that changes numbers (e.g. fdsl_nam1_mul-w13s2x0.5-idxwin). The seed argument chooses the
 test references; the heads are trained with FSAD_TRAIN_SEED (111, the authors' fixed seed), so one
@@ -21,6 +21,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from utils import distributed
 from utils.cli import run_cli
 from utils.config import WINMODES, MethodConfig, TestConfig, TrainConfig, effective_test_settings, to_dict
 
@@ -182,8 +183,30 @@ def train_seed(launch: Launch) -> int:
     return launch.seed if value == "same" else int(value)
 
 
+def precision(launch: Launch) -> str:
+    """FSAD_PRECISION made concrete for this process's device ('auto' -> bf16 on a recent GPU,
+    fp32 on CPU): folders are named after what runs, not after 'auto'."""
+    from models.backbones import resolve_precision
+
+    value = _env("PRECISION", "auto")
+    if value.lower() == "fp32":
+        return "fp32"  # needs no device (folder names can be computed anywhere)
+    device = distributed.rank_device(launch.device)  # its own errors name the device
+    try:
+        return resolve_precision(value, device)
+    except ValueError as e:
+        key = next((k for k in _keys("PRECISION") if os.environ.get(k, "").strip()), "FSAD_PRECISION")
+        raise ValueError(f"environment variable {key}: {e}") from None
+
+
+def precision_tag(launch: Launch) -> list[str]:
+    """Reduced precision changes the numbers a little: it is named (e.g. _bf16); fp32 is not."""
+    p = precision(launch)
+    return [] if p == "fp32" else [p]
+
+
 def checkpoint_dir(launch: Launch, plan: MethodPlan, train_set: DatasetSpec) -> Path:
-    tag = plan.cls.checkpoint_tag(plan.config)
+    tag = "_".join([plan.cls.checkpoint_tag(plan.config), *precision_tag(launch)])
     return (results_root() / plan.folder / "checkpoints" / f"train_{train_set.name}_{tag}"
             / f"seed{train_seed(launch)}")
 
@@ -202,7 +225,7 @@ def test_settings(launch: Launch) -> dict:
 def settings_tag(launch: Launch, plan: MethodPlan) -> str:
     """Names the results of one test configuration: the heads' tag (fdsl: nam0/nam1), the windows
     and the index as they are used (`nan` ignores window settings), and the evaluation size and
-    training seed when not the defaults. One model_name then holds several configurations."""
+    training seed when not the defaults, and the precision when not fp32. One model_name then holds several configurations."""
     s = effective_test_settings(test_settings(launch))
     parts = []
     if plan.cls.checkpoint_tag(plan.config) != plan.cls.name:
@@ -220,7 +243,7 @@ def settings_tag(launch: Launch, plan: MethodPlan) -> str:
     seed = train_seed_setting()
     if plan.cls.trainable and seed != str(AUTHORS_TRAIN_SEED):
         parts.append(f"trainseed{'-same' if seed == 'same' else seed}")
-    return "_".join(parts)
+    return "_".join(parts + precision_tag(launch))
 
 
 def results_folder(launch: Launch, plan: MethodPlan) -> str:
@@ -234,7 +257,8 @@ def train_config(launch: Launch, plan: MethodPlan, train_set: DatasetSpec) -> Tr
                        seed=train_seed(launch),
                        epochs=epochs(plan, train_set), batch_size=_env_int("BATCH_SIZE", 8),
                        train_k_shot=_env_int("TRAIN_K_SHOT", 10), augment=train_set.augment, device=launch.device,
-                       workers=_env_int("WORKERS", 0), max_steps=_env_int("MAX_STEPS"))
+                       workers=_env_int("WORKERS", 0), max_steps=_env_int("MAX_STEPS"),
+                       precision=precision(launch))
 
 
 def test_config(launch: Launch, plan: MethodPlan, train_set: DatasetSpec, test_set: DatasetSpec) -> TestConfig:
@@ -245,6 +269,7 @@ def test_config(launch: Launch, plan: MethodPlan, train_set: DatasetSpec, test_s
                       k_shot=launch.k_shot, **test_settings(launch),
                       batch_size=_env_int("BATCH_SIZE", 8), device=launch.device,
                       save_images=_env_int("SAVE_IMAGES", 0),
+                      precision=precision(launch), workers=_env_int("WORKERS", 0),
                       # trained: None = what the checkpoint was trained with (e.g. weights at another path
                       # here); training-free: the method config's unless set
                       backbone=_env("BACKBONE"), pretrained=_env("PRETRAINED"), image_size=_env_int("IMAGE_SIZE"))
@@ -303,6 +328,8 @@ def run(mode: str, args: list[str]) -> None:
     train_script, test_script = _script("train"), _script("test")
 
     launch = parse_positional(args)
+    # NPROC=N: this whole launch again under torchrun, N processes (DDP training, sharded tests)
+    distributed.relaunch_under_torchrun(__file__, [mode, *args], launch.device)
     resolve_device(launch.device)  # fail before any work on a machine without the GPU
     plan = method_plan(launch)
     mvtec, visa = datasets()

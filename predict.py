@@ -39,7 +39,7 @@ from methods import list_methods, load_method_config
 from methods.base import InferenceOptions, Method
 from methods.checkpoint import build_method, read_checkpoint
 from utils.cli import run_cli
-from utils.config import IMAGE_INDEX, WINMODES, resolve_device
+from utils.config import IMAGE_INDEX, PRECISIONS, WINMODES, resolve_device
 from utils.io import atomic_write_json, atomic_write_text, read_json
 from utils.visualize import DEFAULT_ALPHA, DEFAULT_COLORMAP, ColourScale, binary_mask, overlay, save_png
 
@@ -236,7 +236,8 @@ def inference_options(args) -> InferenceOptions:
     if args.win_size < 1 or args.win_stride < 1:
         raise ValueError(f"--win-size and --win-stride must be >= 1, got {args.win_size}, {args.win_stride}")
     return InferenceOptions(winmode=args.winmode, win_size=args.win_size, win_stride=args.win_stride,
-                            win_weight=args.win_weight, image_index=args.image_index)
+                            win_weight=args.win_weight, image_index=args.image_index,
+                            precision=getattr(args, "precision", None))
 
 
 def _tensor(arr: np.ndarray) -> torch.Tensor:
@@ -355,7 +356,7 @@ def predict(args) -> Path:
         "checkpoint_epoch": ckpt.get("epoch"),
         "backbones": {role: spec.get("config") for role, spec in method.config.get("backbones", {}).items()},
         "image_size": method.image_size,
-        "inference": asdict(options),
+        "inference": {**asdict(options), "precision": method.precision},  # resolved: not 'auto'
         "device": str(device),
         "batch_size": args.batch_size,
         "references": [str(p) for p in refs],
@@ -422,7 +423,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image-index", default=d.image_index, choices=IMAGE_INDEX,
                    help="where matching uses only the most similar reference")
     p.add_argument("--batch-size", type=int, default=8, help="photos per forward pass")
-    p.add_argument("--device", default="cpu", help="cpu or a CUDA index")
+    p.add_argument("--device", default="cpu", help="cpu or a CUDA index (default: %(default)s)")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="autocast of the frozen backbones: "
+                   "auto = bf16 (fp16 on GPUs without bf16) on CUDA, fp32 on CPU; fp32 = off (default: %(default)s)")
     p.add_argument("--colormap", default=DEFAULT_COLORMAP, help="matplotlib colormap of the overlays")
     p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="weight of the heatmap over the photo")
     return p.parse_args(argv)

@@ -10,9 +10,11 @@ locked while a run uses it: a second run into it is refused, naming the holder.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -25,10 +27,12 @@ from data.dataset import AnomalyDataset, categories, load_image, load_meta, sele
 from methods import list_methods, resolve_method_config
 from methods.base import InferenceOptions, Method
 from methods.checkpoint import build_method, read_checkpoint
-from utils import report
+from models.backbones import PRECISIONS, resolve_precision
+from utils import distributed, report
 from utils.cli import error_report, run_cli
 from utils.config import (MethodConfig, TestConfig, as_json, differing_keys, effective_test_settings,
                           resolve_device, to_dict, validate_test)
+from utils.device import loader_options, synchronize, to_host
 from utils.io import OutputError, check_writable, read_json
 from utils.lock import RunLock
 from utils.metrics import compute_category_metrics
@@ -52,7 +56,7 @@ def _mask_size(root: Path, items: list[dict], eval_size: int) -> tuple[int, int]
 
 def inference_options(cfg: TestConfig) -> InferenceOptions:
     return InferenceOptions(winmode=cfg.winmode, win_size=cfg.win_size, win_stride=cfg.win_stride,
-                            win_weight=cfg.win_weight, image_index=cfg.image_index)
+                            win_weight=cfg.win_weight, image_index=cfg.image_index, precision=cfg.precision)
 
 
 def image_names(img_paths: list[str]) -> list[str]:
@@ -97,16 +101,17 @@ def evaluate_category(method: Method, cfg: TestConfig, root: Path, meta: dict, c
     items = meta["test"][cls]
     out_size = _mask_size(root, items, cfg.eval_size)
     ds = AnomalyDataset(root, "test", method.image_size, items=items, mask_size=cfg.eval_size or None)
-    loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=False)
+    loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, **loader_options(cfg.workers, method.device))
     maps, raw_scores, masks, labels, has_mask = [], [], [], [], []
     t0 = time.perf_counter()
     for batch in tqdm(loader, desc=f"test {cls}", leave=False):
-        m, s = method.predict(batch["image"].to(method.device), state, out_size)
-        maps.append(m.cpu())
-        raw_scores.append(s.cpu())
+        m, s = method.predict(batch["image"].to(method.device, non_blocking=True), state, out_size)
+        maps.append(to_host(m))  # queued copies: no wait for the GPU per batch
+        raw_scores.append(to_host(s))
         masks.append(batch["mask"])
         labels.append(batch["label"])
         has_mask.append(batch["has_mask"])
+    synchronize(method.device)  # the copies above are complete from here on
     seconds = time.perf_counter() - t0
     maps_t = torch.cat(maps)
     scores = method.image_scores(torch.cat(raw_scores), maps_t)
@@ -137,7 +142,7 @@ def missing_masks_note(info: dict) -> str | None:
 
 # Settings that change numbers; a finished run with other values must not be taken as done.
 RESULT_KEYS = ("data_root", "checkpoint", "method", "classes", "winmode", "win_size", "win_stride", "win_weight",
-               "image_index", "eval_size", "fpr_limit", "backbone", "pretrained", "image_size")
+               "image_index", "eval_size", "fpr_limit", "backbone", "pretrained", "image_size", "precision")
 
 
 def stored_method(config: dict) -> str:
@@ -168,9 +173,11 @@ def _finished(run_dir: Path, cfg: TestConfig, method_name: str, training: tuple[
     if stored_method(stored) != method_name:
         raise ValueError(f"{run_dir} holds results of method '{stored_method(stored)}', not '{method_name}'; "
                          f"{REUSE_HINT}")
-    # settings the winmode ignores are not compared (nan with other window sizes: the same numbers)
-    diff = differing_keys(effective_test_settings(stored.get("test", {})), effective_test_settings(to_dict(cfg)),
-                          RESULT_KEYS)
+    # settings the winmode ignores are not compared (nan with other window sizes: the same numbers);
+    # runs from before --precision existed were fp32
+    stored_test = {"precision": "fp32", **stored.get("test", {})}
+    current = {**to_dict(cfg), "precision": run_precision(cfg)}
+    diff = differing_keys(effective_test_settings(stored_test), effective_test_settings(current), RESULT_KEYS)
     if training is None and cfg.checkpoint and Path(cfg.checkpoint).is_file():
         ckpt = read_checkpoint(cfg.checkpoint)
         training = ckpt.get("train_config", {}), ckpt["epoch"]
@@ -187,6 +194,12 @@ def check_results_folder(cfg: TestConfig, training: tuple[dict, int] | None = No
     """The reuse check of `evaluate`, for launchers to call before any training: raises when the
     results folder holds another configuration; True when this run is already finished."""
     return _finished(results_dir(cfg), cfg, requested_method(cfg), training)
+
+
+def run_precision(cfg: TestConfig) -> str:
+    """The precision a run records: 'auto' made concrete for this process's device (bf16 on a recent
+    GPU, fp32 on CPU), so a finished folder is compared with what this run would compute."""
+    return resolve_precision(cfg.precision, distributed.rank_device(cfg.device))
 
 
 def results_dir(cfg: TestConfig) -> Path:
@@ -208,28 +221,35 @@ def check_output(cfg: TestConfig, force: bool = False) -> bool:
     return False
 
 
+@distributed.collective  # under torchrun: a rank that fails still joins the others' exchange
 def evaluate(cfg: TestConfig, force: bool = False) -> Path:
     run_dir = results_dir(cfg)
+    device = resolve_device(cfg.device)  # under torchrun this joins the process group
+    cfg = replace(cfg, precision=resolve_precision(cfg.precision, device))  # recorded resolved, not 'auto'
     method_name = requested_method(cfg)
     if check_output(cfg, force):
         log.info("already evaluated (read-only folder): %s", run_dir)
         return run_dir
-    with RunLock(run_dir, "results folder", REUSE_HINT):
+    # one lock per run, held by rank 0 (the writer): other ranks would wait for each other's lock
+    lock = RunLock(run_dir, "results folder", REUSE_HINT) if distributed.is_main() else contextlib.nullcontext()
+    with lock:
         if not force and _finished(run_dir, cfg, method_name):
             log.info("already evaluated: %s", run_dir)
             return run_dir
-        return _evaluate_locked(cfg, run_dir)
+        return _evaluate_locked(cfg, run_dir, device)
 
 
-def _evaluate_locked(cfg: TestConfig, run_dir: Path) -> Path:
-    device = resolve_device(cfg.device)
+def _evaluate_locked(cfg: TestConfig, run_dir: Path, device: torch.device) -> Path:
     root = Path(cfg.data_root)
     meta = load_meta(root)
     classes = categories(meta, cfg.classes, "test")
     for cls in classes:  # fail before any work when k is too large anywhere
         select_k_shot(meta, cls, cfg.k_shot, cfg.seed)
-    # from here on the run does real work: log.txt records it, and the error that stops it
-    handler = logging.FileHandler(run_dir / "log.txt", mode="w", encoding="utf-8")
+    shard = distributed.shard(classes, [len(meta["test"][c]) for c in classes], log)  # this rank's categories
+    # from here on the run does real work: log.txt records it (rank 0's, the other ranks' lines
+    # replayed into it), and the error that stops it
+    handler = logging.FileHandler(run_dir / "log.txt", mode="w", encoding="utf-8") if shard.is_main \
+        else logging.NullHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     log.addHandler(handler)
     level = log.level
@@ -242,27 +262,32 @@ def _evaluate_locked(cfg: TestConfig, run_dir: Path) -> Path:
         per_category, info = {}, {}
         log.info("method %s, checkpoint %s (epoch %s), %d categories", method.name, cfg.checkpoint or "none",
                  ckpt["epoch"], len(classes))
-        for cls in tqdm(classes, desc=f"{cfg.dataset} {cfg.k_shot}-shot seed {cfg.seed}"):
+        for cls in tqdm(shard, desc=f"{cfg.dataset} {cfg.k_shot}-shot seed {cfg.seed}"):
             per_category[cls], info[cls] = evaluate_category(method, cfg, root, meta, cls, run_dir)
             m = per_category[cls]
             log.info("%s: i-AUROC %.4f p-AUROC %.4f p-AUPRO %.4f, %.3f s/image, references %s", cls, m["i_auroc"],
                      m["p_auroc"], m["p_aupro"], info[cls]["seconds_per_image"], info[cls]["references"])
+        per_category, info = shard.gather(per_category, info)  # every rank's results; raises if one failed
         config = {"test": to_dict(cfg), "method": ckpt["method_config"], "backbones": ckpt["backbones"],
                   "checkpoint_epoch": ckpt["epoch"], "train": ckpt.get("train_config", {}),
                   "references": {c: info[c]["references"] for c in classes}}
         seconds = [info[c]["seconds_per_image"] for c in classes]
-        table = report.write_run(run_dir, config, per_category,
-                                 extra={"seconds_per_image": float(np.mean(seconds)), "categories": info},
-                                 note=missing_masks_note(info))
+        # rank 0 writes; the others return once it has
+        table = shard.write(report.write_run, run_dir, config, per_category,
+                            extra={"seconds_per_image": float(np.mean(seconds)), "categories": info},
+                            note=missing_masks_note(info))
     except BaseException as e:
         # straight to the file: the caller prints the error (run_cli) or shows the traceback
         handler.handle(logging.makeLogRecord({"msg": error_report(e), "levelno": logging.ERROR,
                                               "levelname": "ERROR"}))
         raise
     finally:
+        shard.close()
         log.setLevel(level)
         log.removeHandler(handler)
         handler.close()
+    if not shard.is_main:
+        return run_dir
     print(f"\n{cfg.model_name} | {cfg.dataset} | {cfg.k_shot}-shot | seed {cfg.seed}\n{table}\n-> {run_dir}")
     return run_dir
 
@@ -309,7 +334,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "panels of the N highest-scoring normal and N lowest-scoring anomalous images to "
                    "<run>/images/<category>/ and the ROC/PR/PRO curves to <run>/curves/; -1 = all images, "
                    "0 = off (default: %(default)s)")
-    p.add_argument("--device", default=d.device, help="cpu or a CUDA index (default: %(default)s)")
+    p.add_argument("--device", default=d.device, help="cpu or a CUDA index; under torchrun: cpu, cuda (GPU = local "
+                   "rank) or one index per process such as 0,1 (default: %(default)s)")
+    p.add_argument("--precision", default=d.precision, choices=PRECISIONS, help="autocast of the frozen "
+                   "backbones: auto = bf16 (fp16 on GPUs without bf16) on CUDA, fp32 on CPU; fp32 = off "
+                   "(default: %(default)s)")
+    p.add_argument("--workers", type=int, default=d.workers, help="DataLoader workers reading test images "
+                   "(default: %(default)s)")
     p.add_argument("--force", action="store_true", help="redo a finished run, overwriting its results "
                    "(default: off)")
     return p

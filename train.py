@@ -9,6 +9,7 @@ locked while a run uses it: a second run into it is refused, naming the holder.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import re
@@ -18,7 +19,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data.dataset import AnomalyDataset, categories, load_image, load_meta, make_augmentation, select_k_shot
@@ -26,8 +26,11 @@ from data.meta import missing_mask_items
 from methods import METHODS, create_method, list_methods, resolve_method_config
 from methods.base import Method
 from methods.checkpoint import DamagedCheckpointError, check_backbones, checkpoint_payload, read_checkpoint
+from models.backbones import PRECISIONS, resolve_precision
+from utils import distributed
 from utils.cli import error_report, run_cli
 from utils.config import MethodConfig, TrainConfig, check_seed, differing_keys, resolve_device, to_dict
+from utils.device import to_device
 from utils.io import atomic_torch_save, atomic_write_json, check_writable
 from utils.lock import RunLock
 
@@ -45,7 +48,9 @@ def epoch_checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
 
 
 def note(out_dir: Path, line: str) -> None:
-    """A line in the checkpoint folder's train_log.txt, next to the per-epoch lines."""
+    """A line in the checkpoint folder's train_log.txt, next to the per-epoch lines (rank 0 writes it)."""
+    if not distributed.is_main():
+        return
     with open(out_dir / "train_log.txt", "a", encoding="utf-8") as f:
         f.write(line.rstrip("\n") + "\n")
 
@@ -68,7 +73,7 @@ def last_good_checkpoint(out_dir: Path) -> tuple[int, Path | None, dict | None]:
 # Settings that change the trained heads: a checkpoint folder written with other values is not
 # resumed or taken as finished (epochs may grow: that continues the same run).
 TRAIN_KEYS = ("data_root", "classes", "method", "seed", "batch_size", "lr", "betas", "train_k_shot", "augment",
-              "mosaic_p", "crop_p", "crop_plus", "max_steps")
+              "mosaic_p", "crop_p", "crop_plus", "max_steps", "precision")
 
 
 def check_same_run(ckpt_path: Path, cfg: TrainConfig, method: str, ckpt: dict | None = None) -> dict:
@@ -77,7 +82,8 @@ def check_same_run(ckpt_path: Path, cfg: TrainConfig, method: str, ckpt: dict | 
     if ckpt["method"] != method:
         raise ValueError(f"{ckpt_path.parent} holds a training run of method '{ckpt['method']}', not "
                          f"'{method}'; use another out-dir (launchers: another model_name) or delete it")
-    diff = differing_keys(ckpt.get("train_config", {}), to_dict(cfg), TRAIN_KEYS)
+    stored = {"precision": "fp32", **ckpt.get("train_config", {})}  # runs from before --precision were fp32
+    diff = differing_keys(stored, to_dict(cfg), TRAIN_KEYS)
     if diff:
         raise ValueError(f"{ckpt_path.parent} holds a training run with other settings (differs in "
                          f"{', '.join(diff)}); use another out-dir (launchers: another model_name) or delete it")
@@ -99,7 +105,9 @@ def fit_references(method: Method, root: Path, meta: dict, classes: list[str], k
 
 
 def resolve_training(cfg: TrainConfig) -> tuple[TrainConfig, dict]:
-    """The run with the method's training defaults filled in (lr, betas), and the method config."""
+    """The run with the method's training defaults filled in (lr, betas) and its precision made
+    concrete for this process's device ('auto' -> bf16 on a recent GPU, fp32 on CPU), and the
+    method config: what the checkpoint records."""
     method_cfg = resolve_method_config(cfg.method)
     if not METHODS[method_cfg["method"]].trainable:
         raise ValueError(f"method '{method_cfg['method']}' is training-free: there is nothing to train; "
@@ -107,7 +115,8 @@ def resolve_training(cfg: TrainConfig) -> tuple[TrainConfig, dict]:
     defaults = method_cfg.get("training", {})
     cfg = replace(cfg, data_root=str(Path(cfg.data_root).resolve()),  # the same run, however spelled
                   lr=cfg.lr if cfg.lr is not None else float(defaults.get("lr", 1e-3)),
-                  betas=tuple(cfg.betas if cfg.betas is not None else defaults.get("betas", (0.9, 0.999))))
+                  betas=tuple(cfg.betas if cfg.betas is not None else defaults.get("betas", (0.9, 0.999))),
+                  precision=resolve_precision(cfg.precision, distributed.rank_device(cfg.device)))
     return cfg, method_cfg
 
 
@@ -136,7 +145,10 @@ def train(cfg: TrainConfig) -> Path:
     device = resolve_device(cfg.device)
     cfg, method_cfg = resolve_training(cfg)
     check_output(cfg)
-    with RunLock(cfg.out_dir, "checkpoint folder", OUT_DIR_HINT):
+    # rank 0 (the writer) holds the lock; under torchrun a rank that fails stops them all
+    lock = RunLock(cfg.out_dir, "checkpoint folder", OUT_DIR_HINT) if distributed.is_main() \
+        else contextlib.nullcontext()
+    with lock:
         return _train_locked(cfg, method_cfg, device)
 
 
@@ -164,38 +176,47 @@ def _fit(cfg: TrainConfig, method_cfg: dict, device, out_dir: Path, root: Path, 
          done: int, last: Path | None, ckpt: dict | None) -> Path:
     torch.manual_seed(cfg.seed)  # head initialisation
     method = create_method(method_cfg, device)
+    method.set_precision(cfg.precision)  # the frozen backbones only; the heads train in fp32
     optimizer = torch.optim.Adam(method.trainable_parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
     if ckpt is not None:
         check_backbones(ckpt["backbones"], method, last)
         method.heads.load_state_dict(ckpt["state"])
         optimizer.load_state_dict(ckpt["optimizer"])
         log.info("resuming after epoch %d (%s)", done, last.name)
+    step_loss = distributed.data_parallel(method, device, cfg.batch_size)  # method.loss, or DDP over the heads
 
     states = fit_references(method, root, meta, classes, cfg.train_k_shot, cfg.seed)
     dataset = AnomalyDataset(root, "test", method.image_size, classes, seed=cfg.seed,
                              augment=make_augmentation(cfg.augment, cfg.mosaic_p, cfg.crop_p, cfg.crop_plus))
-    atomic_write_json(out_dir / "train_config.json", to_dict(cfg))
+    if distributed.is_main():  # one writer
+        atomic_write_json(out_dir / "train_config.json", to_dict(cfg))
     method.train()
     for epoch in range(done, cfg.epochs):
         dataset.set_epoch(epoch)
-        loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.workers,
-                            generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-        losses, t0 = [], time.time()
-        bar = tqdm(loader, desc=f"train {cfg.dataset} epoch {epoch + 1}/{cfg.epochs}", leave=False)
+        # this rank's share of the seeded shuffle (one process: the order it always had)
+        loader = distributed.train_loader(dataset, cfg.batch_size, cfg.workers, cfg.seed * 100_003 + epoch, device)
+        # losses summed on the device: reading each one (.item()) would wait for the GPU every step
+        loss_sum, steps, t0 = torch.zeros((), dtype=torch.float64, device=device), 0, time.time()
+        bar = tqdm(loader, desc=f"train {cfg.dataset} epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                   disable=not distributed.is_main())
         for step, batch in enumerate(bar):
             if cfg.max_steps is not None and step >= cfg.max_steps:
                 break
-            loss = method.loss(batch, [states[c] for c in batch["cls_name"]])
+            batch = to_device(batch, device)
+            loss = step_loss(batch, [states[c] for c in batch["cls_name"]])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        mean_loss = sum(losses) / max(len(losses), 1)
-        path = atomic_torch_save(checkpoint_path(out_dir, epoch + 1),
-                                 checkpoint_payload(method, epoch + 1, optimizer, to_dict(cfg)))
-        note(out_dir, f"epoch {epoch + 1} loss {mean_loss:.6f} steps {len(losses)} seconds {time.time() - t0:.1f}")
-        log.info("epoch %d/%d loss %.4f -> %s", epoch + 1, cfg.epochs, mean_loss, path)
+            loss_sum += loss.detach()
+            steps += 1
+        mean_loss = distributed.mean_over_ranks(loss_sum, steps)  # the epoch's one host sync
+        path = checkpoint_path(out_dir, epoch + 1)
+        if distributed.is_main():  # one checkpoint, written by rank 0
+            atomic_torch_save(path, checkpoint_payload(method, epoch + 1, optimizer, to_dict(cfg)))
+            procs = f" processes {distributed.world_size()}" if distributed.launched() else ""
+            note(out_dir, f"epoch {epoch + 1} loss {mean_loss:.6f} steps {steps} seconds {time.time() - t0:.1f}{procs}")
+            log.info("epoch %d/%d loss %.4f -> %s", epoch + 1, cfg.epochs, mean_loss, path)
+        distributed.barrier()  # no rank reads a checkpoint before rank 0 has written it
     return checkpoint_path(out_dir, cfg.epochs)
 
 
@@ -236,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "the training references; an integer >= 0 (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=d.epochs, help="epochs in total; a rerun with more continues "
                    "the same run (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step; under torchrun the "
+                   "global batch, split evenly over the processes (default: %(default)s)")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: the method config's)")
     p.add_argument("--train-k-shot", type=int, default=d.train_k_shot,
                    help="normal references per category while training (default: %(default)s)")
@@ -244,7 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training augmentation: mosaic (MVTec), crop (VisA) or none (default: %(default)s)")
     p.add_argument("--workers", type=int, default=d.workers, help="DataLoader worker processes "
                    "(default: %(default)s)")
-    p.add_argument("--device", default=d.device, help="cpu or a CUDA index (default: %(default)s)")
+    p.add_argument("--device", default=d.device, help="cpu or a CUDA index; under torchrun: cpu, cuda (GPU = local "
+                   "rank) or one index per process such as 0,1 (default: %(default)s)")
+    p.add_argument("--precision", default=d.precision, choices=PRECISIONS, help="autocast of the frozen "
+                   "backbones (the heads train in fp32): auto = bf16 (fp16 on GPUs without bf16) on CUDA, fp32 on "
+                   "CPU; fp32 = off (default: %(default)s)")
     p.add_argument("--max-steps", type=int, default=None, help="batches per epoch, for smoke tests "
                    "(default: the whole epoch)")
     return p
@@ -260,7 +286,8 @@ def parse_args(argv=None) -> TrainConfig:
                           params=params)
     return TrainConfig(data_root=a.data_root, dataset=a.dataset, out_dir=a.out_dir, method=method, classes=a.classes,
                        seed=a.seed, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, train_k_shot=a.train_k_shot,
-                       augment=a.augment, workers=a.workers, device=a.device, max_steps=a.max_steps)
+                       augment=a.augment, workers=a.workers, device=a.device, max_steps=a.max_steps,
+                       precision=a.precision)
 
 
 def main(argv=None) -> int:

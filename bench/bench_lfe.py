@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models.backbones import create_backbone  # noqa: E402
 from methods.fdsl import FDSLMethod  # noqa: E402
+from models.backbones import create_backbone  # noqa: E402
 from models.fdsl import FDSL  # noqa: E402
 from models.lfe import WindowLayout, WindowScorer, blend  # noqa: E402
 
@@ -277,9 +277,14 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def reexec_for_peak_rss() -> None:
+    """Restart this script with MALLOC_MMAP_THRESHOLD_ set (once): see the module docstring, freed
+    tensors must leave the resident set for the CPU peak-memory figures to mean anything."""
     if sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        # see the module docstring: freed tensors must leave the resident set for peak RSS to mean anything
         os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
         os.execv(sys.executable, [sys.executable] + sys.argv)
+
+
+if __name__ == "__main__":
+    reexec_for_peak_rss()
     sys.exit(main())

@@ -31,6 +31,9 @@ class InferenceOptions:
     win_weight: float = 0.5  # weight of the windows in 'mul'
     image_index: str = "windows"  # where matching uses only the most similar reference: off|windows|all
     window_batch: int = 64  # windows per backbone forward
+    # backbone autocast: 'fp32', 'bf16', 'fp16' or 'auto' (resolved for the method's device);
+    # None leaves the backbones as they are. configure() applies it (predict.py: pass it here)
+    precision: str | None = None
 
 
 class Method(nn.Module):
@@ -81,6 +84,20 @@ class Method(nn.Module):
     def backbone_signatures(self) -> dict[str, dict]:
         return {role: b.signature() for role, b in self.backbones.items()}
 
+    def set_precision(self, precision: str | None) -> str | None:
+        """Autocast dtype of every frozen backbone ('auto' is resolved for this method's device);
+        returns the value applied. Heads, banks, losses and maps stay fp32 (Backbone.forward)."""
+        from models.backbones import resolve_precision
+
+        resolved = None if precision is None else resolve_precision(precision, self.device)
+        for backbone in self.backbones.values():
+            backbone.precision = resolved
+        return resolved
+
+    @property
+    def precision(self) -> str | None:
+        return next(iter(self.backbones.values())).precision
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.heads.parameters() if p.requires_grad] if self.heads is not None else []
 
@@ -89,6 +106,8 @@ class Method(nn.Module):
         if options.winmode != "nan":
             raise ValueError(f"method '{self.name}' scores whole images only; winmode '{options.winmode}' "
                              f"(LFE windows) is available for fdsl and knn; use winmode nan")
+        if options.precision is not None:
+            self.set_precision(options.precision)
         self.options = options
 
     # -- the surface ---------------------------------------------------------------------------

@@ -61,6 +61,8 @@ class PatchMatchingMethod(Method):
 
     # -- the method surface -----------------------------------------------------------------------
     def configure(self, options: InferenceOptions) -> None:
+        if options.precision is not None:
+            self.set_precision(options.precision)
         self.options = options
         self.windows = None if options.winmode == "nan" else WindowScorer(
             self, options.win_size, options.win_stride, use_image_index=options.image_index != "off",

@@ -268,7 +268,7 @@ def _similarity_per_sample(query: torch.Tensor, bank) -> torch.Tensor:
         groups.setdefault(id(mem), []).append(b)
     out = query.new_empty(query.shape[:2])
     for members in groups.values():
-        idx = torch.tensor(members, device=query.device)
+        idx = torch.tensor(members).to(query.device, non_blocking=True)  # no host sync (memory.align_to_banks)
         out[idx] = similarity_map(query[idx], bank[members[0]])
     return out
 

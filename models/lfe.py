@@ -112,13 +112,14 @@ def crop_windows(images: torch.Tensor, layout: WindowLayout, patch_size: int,
     W = layout.n_windows
     if flat_ids is None:
         flat_ids = torch.arange(B * W)
-    flat_ids = flat_ids.to(images.device)
+    # small index copies to the GPU are queued (non_blocking), not waited for: once per window chunk
+    flat_ids = flat_ids.to(images.device, non_blocking=True)
     side = layout.win * patch_size
     if images.shape[-2] != layout.grid[0] * patch_size or images.shape[-1] != layout.grid[1] * patch_size:
         raise ValueError(f"images of {tuple(images.shape[-2:])} px do not match the {layout.grid} patch grid "
                          f"of patch size {patch_size}")
     view = images.unfold(2, side, patch_size).unfold(3, side, patch_size)  # (B, 3, nr, nc, side, side)
-    origins = layout.origins().to(images.device)  # (W, 2) in patches = positions in the view
+    origins = layout.origins().to(images.device, non_blocking=True)  # (W, 2) in patches = positions in the view
     w = flat_ids % W
     return view[flat_ids // W, :, origins[w, 0], origins[w, 1]]
 
@@ -133,8 +134,8 @@ def scatter_windows(window_values: torch.Tensor, layout: WindowLayout, flat_ids:
     lead = window_values.shape[:-3]
     n_cells = layout.grid[0] * layout.grid[1]
     W = layout.n_windows
-    flat_ids = flat_ids.to(window_values.device)
-    pidx = layout.patch_index().to(window_values.device)  # (W, win*win)
+    flat_ids = flat_ids.to(window_values.device, non_blocking=True)
+    pidx = layout.patch_index().to(window_values.device, non_blocking=True)  # (W, win*win)
     target = (flat_ids // W)[:, None] * n_cells + pidx[flat_ids % W]  # (n, win*win)
     if out is None:
         out = window_values.new_zeros(*lead, batch * n_cells)
@@ -157,7 +158,7 @@ def average_windows(sums: torch.Tensor, layout: WindowLayout, batch: int) -> tor
     """(..., batch * rows * cols) accumulated window values -> (..., batch, rows, cols) means over
     the windows covering each patch."""
     lead = sums.shape[:-1]
-    count = layout.coverage().to(sums).reshape(-1)
+    count = layout.coverage().to(sums.device, sums.dtype, non_blocking=True).reshape(-1)
     return (sums.reshape(*lead, batch, -1) / count).reshape(*lead, batch, *layout.grid)
 
 
@@ -318,7 +319,7 @@ class WindowScorer:
                                        self.use_image_index, self.match_budget_bytes)
             # raw per-window maps: the refinement (NAM) is applied once, on the stitched map
             anomaly = self.method.window_layer_maps(out.patch_tokens, aligned, (layout.win, layout.win))
-            sums = scatter_windows(anomaly, layout, ids.to(anomaly.device), B, sums)
+            sums = scatter_windows(anomaly, layout, ids.to(anomaly.device, non_blocking=True), B, sums)
         return self.method.refine_stitched(average_windows(sums, layout, B))
 
     @torch.no_grad()

@@ -103,7 +103,8 @@ def align_to_banks(query_tokens: list[torch.Tensor], banks: Sequence[ReferenceBa
     for l, q in enumerate(query_tokens):
         aligned = torch.empty_like(q)
         for members in groups.values():
-            idx = torch.tensor(members, device=q.device)
+            # non_blocking: a plain copy to a GPU waits for the queued kernels (a host sync per batch)
+            idx = torch.tensor(members).to(q.device, non_blocking=True)
             aligned[idx] = nearest_neighbours(q[idx], banks[members[0]].flat(l), chunk)[0]
         out.append(aligned)
     return out

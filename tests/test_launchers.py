@@ -99,8 +99,11 @@ def test_folder_names(monkeypatch):
     from launch import checkpoint_dir, datasets, method_plan, results_folder
 
     def names(args, **env):
-        for k in ("FSAD_IMAGE_INDEX", "FSAD_EVAL_SIZE", "FSAD_TRAIN_SEED", "FDSL_TRAIN_SEED", "METHOD", "ABLATION"):
+        for k in ("FSAD_IMAGE_INDEX", "FSAD_EVAL_SIZE", "FSAD_TRAIN_SEED", "FDSL_TRAIN_SEED", "METHOD", "ABLATION",
+                  "FDSL_PRECISION"):
             monkeypatch.delenv(k, raising=False)
+        # device 0 (as the authors' examples) must not need a GPU here: the precision is given
+        monkeypatch.setenv("FSAD_PRECISION", "fp32")
         for k, v in env.items():
             monkeypatch.setenv(k, v)
         launch = parse_positional(args.split())
@@ -119,6 +122,14 @@ def test_folder_names(monkeypatch):
     assert names("d 0 1 nan 8 2 0.5 0 1", METHOD="dcpsfr", ABLATION="no_acl")[0] == "d-no_acl_nan"
     with pytest.raises(ValueError, match="FSAD_TRAIN_SEED: expected an integer or 'same'"):
         names("x 0 1 nan 13 2 0.5 14 1", FSAD_TRAIN_SEED="sometimes")
+    # reduced precision names both folders; 'auto' on CPU is fp32 and names nothing
+    assert names("p cpu 1 nan 13 2 0.5 14 1", FSAD_PRECISION="bf16") == ("p_nam1_nan_bf16", ("train_mvtec_nam1_bf16",
+                                                                                           "seed111"))
+    assert names("p cpu 1 nan 13 2 0.5 14 1", FSAD_PRECISION="auto") == names("p cpu 1 nan 13 2 0.5 14 1")
+    with pytest.raises(ValueError, match="FSAD_PRECISION: precision must be one of auto, fp32, bf16, fp16, got 'half'"):
+        names("p cpu 1 nan 13 2 0.5 14 1", FSAD_PRECISION="half")
+    with pytest.raises(ValueError, match="FSAD_PRECISION: precision fp16 is for CUDA GPUs"):
+        names("p cpu 1 nan 13 2 0.5 14 1", FSAD_PRECISION="fp16")
 
 
 def test_fdsl_defaults_to_the_authors_activation_and_knn_to_the_native_one(monkeypatch):

@@ -210,6 +210,22 @@ def test_batching_does_not_change_results_and_reruns_drop_stale_masks(datasets, 
     assert not list(out1.glob("*_mask.png")) and len(list(out1.glob("*_overlay.png"))) == len(one)
 
 
+def test_precision_is_recorded_resolved_and_bf16_stays_close(datasets, tmp_path, capsys):
+    """--precision: 'auto' is fp32 on CPU and recorded as such; bf16 autocast of the backbone moves
+    the scores by little (the bound of tests/models/test_precision.py); fp16 on CPU is refused."""
+    common = [*KNN, "--refs", datasets[1] / "candle/train/good", "--images", f"{datasets[1]}/candle/test/*/00[0-2].png"]
+    assert run_predict(capsys, *common, "--out", tmp_path / "auto")[0] == 0
+    assert run_predict(capsys, *common, "--out", tmp_path / "bf16", "--precision", "bf16")[0] == 0
+    auto, bf16 = summary(tmp_path / "auto"), summary(tmp_path / "bf16")
+    assert auto["inference"]["precision"] == "fp32" and bf16["inference"]["precision"] == "bf16"
+    a, b = ({r["image"]: r["score"] for r in s["predictions"]} for s in (auto, bf16))
+    assert a.keys() == b.keys()
+    diff = np.abs(np.array([a[k] for k in a]) - np.array([b[k] for k in a]))
+    assert diff.max() < 0.01 and diff.max() > 0  # bf16 really ran, and stayed close
+    line = error_line(*run_predict(capsys, *common, "--out", tmp_path / "fp16", "--precision", "fp16"))
+    assert "fp16" in line and "CPU" in line
+
+
 @pytest.mark.parametrize("case, expected", [
     ("empty_refs", "no reference image in folder"),
     ("no_match", "no query image matched"),

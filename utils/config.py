@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 
 WINMODES = ("nan", "mul", "onlywin")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # backbone autocast (models/backbones/base.py)
 IMAGE_INDEX = ("off", "windows", "all")
 
 
@@ -43,8 +44,9 @@ class TrainConfig:
     crop_p: float = 0.6
     crop_plus: float = 0.6
     workers: int = 0
-    device: str = "cpu"
+    device: str = "cpu"  # cpu, a CUDA index, or (several processes) an index list such as 0,1
     max_steps: int | None = None  # stop an epoch early (smoke tests)
+    precision: str = "auto"  # backbone autocast: auto|fp32|bf16|fp16; a run records the resolved value
 
 
 @dataclass
@@ -72,7 +74,9 @@ class TestConfig:
     eval_size: int = 240  # 0 = the masks' own resolution
     fpr_limit: float = 0.3
     batch_size: int = 8
-    device: str = "cpu"
+    device: str = "cpu"  # cpu, a CUDA index, or (several processes) an index list such as 0,1
+    precision: str = "auto"  # backbone autocast: auto|fp32|bf16|fp16; a run records the resolved value
+    workers: int = 0  # DataLoader workers reading test images
     save_images: int = 0  # per category, panels of the N most wrong normal/anomalous images; -1 = all, 0 = off
 
 
@@ -97,10 +101,30 @@ def validate_test(cfg: TestConfig) -> None:
         raise ValueError(f"eval-size must be >= 0 (0 = original mask resolution), got {cfg.eval_size}")
     if cfg.save_images < -1:
         raise ValueError(f"save-images must be >= -1 (-1 = all images, 0 = off), got {cfg.save_images}")
+    if str(cfg.precision).lower() not in PRECISIONS:
+        raise ValueError(f"precision (--precision, FSAD_PRECISION) must be one of {', '.join(PRECISIONS)}, "
+                         f"got '{cfg.precision}'")
+    if str(cfg.precision).lower() == "fp16" and str(cfg.device).strip().lower() == "cpu":
+        raise ValueError("precision fp16 is for CUDA GPUs without bf16; on CPU use bf16 or fp32")
+    if cfg.workers < 0:
+        raise ValueError(f"workers must be >= 0, got {cfg.workers}")
 
 
 def resolve_device(device: str | int) -> torch.device:
-    """'cpu', a CUDA index ('0') or a torch device string ('cuda:1')."""
+    """'cpu', a CUDA index ('0') or a torch device string ('cuda:1'). In a process started by
+    torchrun: this rank's device ('cpu', 'cuda' = GPU LOCAL_RANK, or its entry of a list such as
+    '0,1'), and the process joins the process group (utils/distributed.py)."""
+    from utils import distributed
+
+    if distributed.launched() or "," in str(device):
+        dev = distributed.rank_device(str(device))
+        distributed.init(dev)
+        return dev
+    return resolve_single_device(device)
+
+
+def resolve_single_device(device: str | int) -> torch.device:
+    """One process's device: 'cpu', a CUDA index ('0') or a torch device string ('cuda:1')."""
     d = str(device).strip().lower()
     if d == "cpu":
         return torch.device("cpu")

@@ -13,8 +13,8 @@ Modules: `base` (interface, configs), `open_clip` (CLIP ViTs and their text towe
 """
 from __future__ import annotations
 
-from models.backbones.base import (CONFIG_DIR, DEFAULT_BACKBONE, Backbone, BackboneError, BackboneOutput,
-                                   list_backbones, load_backbone_config)
+from models.backbones.base import (CONFIG_DIR, DEFAULT_BACKBONE, PRECISIONS, Backbone, BackboneError,
+                                   BackboneOutput, list_backbones, load_backbone_config, resolve_precision)
 from models.backbones.factory import create_backbone
 from models.backbones.open_clip import CLIPTextEncoder, OpenCLIPBackbone, resolve_quick_gelu
 from models.backbones.timm import TimmCNNBackbone, TimmViTBackbone, create_timm_classifier
@@ -22,8 +22,8 @@ from models.backbones.weights import (load_weight_file, prepare_state_dict, rema
                                       resolve_weights)
 
 __all__ = [
-    "CONFIG_DIR", "DEFAULT_BACKBONE", "Backbone", "BackboneError", "BackboneOutput", "CLIPTextEncoder",
+    "CONFIG_DIR", "DEFAULT_BACKBONE", "PRECISIONS", "Backbone", "BackboneError", "BackboneOutput", "CLIPTextEncoder",
     "OpenCLIPBackbone", "TimmCNNBackbone", "TimmViTBackbone", "create_backbone", "create_timm_classifier",
     "list_backbones", "load_backbone_config", "load_weight_file", "prepare_state_dict", "remap_by_position",
-    "resolve_quick_gelu", "resolve_weights",
+    "resolve_precision", "resolve_quick_gelu", "resolve_weights",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -12,6 +13,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from utils.config import PRECISIONS  # noqa: F401 - re-exported: the values --precision takes
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # models/configs
 DEFAULT_BACKBONE = "clip_vit_l14_336"
@@ -26,6 +29,37 @@ class BackboneOutput:
 
 class BackboneError(ValueError):
     """Raised with a message that names the config, file or option to fix."""
+
+
+# Mixed precision of the frozen backbones (`--precision`, FSAD_PRECISION). Only the backbone
+# forward runs under autocast: its tokens are cast back to fp32 before they are normalised, so
+# banks, matching, heads, losses and metrics see fp32 tensors whatever the choice.
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _cuda_bf16(device: torch.device, native: bool) -> bool:
+    with torch.cuda.device(device):  # is_bf16_supported asks about the current device
+        return torch.cuda.is_bf16_supported(including_emulation=not native)
+
+
+def resolve_precision(precision: str | None, device: str | torch.device) -> str:
+    """'auto' -> what this device runs best: bf16 on a CUDA GPU with native bf16 (Ampere and
+    later), fp16 on an older one, fp32 on CPU (where bf16 is often emulated, so it stays opt-in).
+    Explicit values are checked against the device."""
+    p = "auto" if precision is None else str(precision).strip().lower()
+    if p not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    if p == "auto":
+        return ("bf16" if _cuda_bf16(dev, native=True) else "fp16") if cuda else "fp32"
+    if p == "bf16" and cuda and not _cuda_bf16(dev, native=False):
+        raise ValueError(f"precision bf16: the GPU {dev} has no bfloat16 support; use fp16 or auto")
+    if p == "fp16" and not cuda:
+        # fp16 is the fallback for GPUs without bf16; its 65504 range is the risk for raw ViT
+        # residual streams, and CPUs gain nothing from it over bf16
+        raise ValueError("precision fp16 is for CUDA GPUs without bf16; on CPU use bf16 or fp32")
+    return p
 
 
 def list_backbones() -> list[str]:
@@ -59,6 +93,7 @@ class Backbone(nn.Module):
         self.register_buffer("mean", torch.zeros(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.ones(1, 3, 1, 1), persistent=False)
         self._weights_identity: dict | None = None
+        self._precision: str | None = None
 
     def _set_normalisation(self, mean, std) -> None:
         self.mean.copy_(torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
@@ -89,7 +124,9 @@ class Backbone(nn.Module):
         if h % self.patch_size or w % self.patch_size:
             raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {self.patch_size}")
         x = (images.to(self.mean.device, self.mean.dtype) - self.mean) / self.std
-        tokens, glob, grid = self._extract(x)
+        with self._autocast(x.device):
+            tokens, glob, grid = self._extract(x)
+        # cast back first: normalising in bf16 would round every unit vector again
         return BackboneOutput(
             patch_tokens=[F.normalize(t.float(), dim=-1) for t in tokens],
             global_embedding=F.normalize(glob.float(), dim=-1),
@@ -114,6 +151,25 @@ class Backbone(nn.Module):
                 source = Path(str(source)).name  # the path differs between machines
             self._weights_identity = {"source": str(source), "sha256": h.hexdigest()}
         return dict(self._weights_identity)
+    @property
+    def precision(self) -> str | None:
+        """None (unset) and "fp32" run exactly the fp32 path; "bf16"/"fp16" autocast `_extract` only.
+        Set a resolved value (resolve_precision): 'auto' depends on the device."""
+        return self._precision
+
+    @precision.setter
+    def precision(self, value: str | None) -> None:
+        if value not in (None, "fp32", *_DTYPES):
+            raise ValueError(f"backbone precision must be fp32, bf16, fp16 or None (resolve 'auto' first), "
+                             f"got {value!r}")
+        self._precision = value
+
+    def _autocast(self, device: torch.device):
+        if self._precision is None:
+            return contextlib.nullcontext()  # unset: exactly the code path before precision existed
+        if self._precision == "fp32":  # also shields the backbone from an autocast the caller opened
+            return torch.autocast(device_type=device.type, enabled=False)
+        return torch.autocast(device_type=device.type, dtype=_DTYPES[self._precision])
 
     def signature(self) -> dict[str, Any]:
         """What a checkpoint must agree on: heads are only valid for the features they saw

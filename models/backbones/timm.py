@@ -212,6 +212,9 @@ class TimmCNNBackbone(Backbone):
         maps = self.model(x)
         tokens = []
         for f in maps:
+            # under autocast the stage maps are bf16/fp16: resize in fp32 (antialiased bilinear has no
+            # bf16 CPU kernel, and these few ops are cheap); a no-op on the fp32 path
+            f = f.float()
             if self.smooth > 1:
                 f = F.avg_pool2d(f, self.smooth, stride=1, padding=self.smooth // 2, count_include_pad=False)
             if tuple(f.shape[-2:]) != grid:
