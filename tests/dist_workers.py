@@ -72,6 +72,13 @@ def evaluate(rank: int, world: int, port: int, cfg: dict, out: str, kill_rank: i
     test_script = load_script("test")
     from utils.config import TestConfig
 
+    started = test_script.evaluate_category
+
+    def record(method, cfg, root, meta, cls, *a, **k):  # which categories this rank started
+        with open(Path(out) / f"rank{rank}.categories", "a", encoding="utf-8") as f:
+            f.write(cls + "\n")
+        return started(method, cfg, root, meta, cls, *a, **k)
+    test_script.evaluate_category = record
     if kill_rank == rank:
         def die(*a, **k):
             os._exit(3)

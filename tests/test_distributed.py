@@ -140,6 +140,26 @@ def test_a_killed_rank_fails_the_others_and_writes_nothing(datasets, tmp_path):
     assert not any((run / f).exists() for f in RESULT_FILES)
 
 
+def test_a_busy_results_folder_stops_every_rank_before_any_work(datasets, tmp_path):
+    """Rank 0 holds the results folder's lock; when another run has it, rank 0 fails at once and the
+    other ranks stop at their first exchange, before evaluating any category."""
+    from utils.lock import RunLock
+
+    out = tmp_path / "ranks"
+    out.mkdir()
+    cfg = dict(data_root=str(datasets[0]), dataset="aux", method="knn", backbone="tiny_clip",
+               results_root=str(tmp_path / "results"), model_name="busy")
+    run = tmp_path / "results" / "busy" / "aux" / "1shot" / "seed0"
+    with RunLock(run, "results folder", "use another model_name"):  # this test process is the holder
+        codes = dist_workers.start(dist_workers.evaluate, 2, cfg, str(out))
+    assert codes == [0, 0]
+    r0, r1 = outcomes(out, 2)
+    assert r0["type"] == "RunLockedError" and str(run) in r0["error"], r0
+    assert r1["type"] == "RankFailed" and "rank 0 failed" in r1["error"] and "RunLockedError" in r1["error"], r1
+    assert not list(out.glob("rank*.categories"))  # no rank started a category
+    assert not any((run / f).exists() for f in RESULT_FILES)
+
+
 def test_torchrun_command_line_reports_the_failing_rank(datasets, tmp_path):
     cls = _corrupt_rank1_category(datasets[0], tmp_path / "data")
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

@@ -305,6 +305,10 @@ class Shard:
         self.run = _RUNS[-1] if _RUNS else None
         if launched() and self.run is None:
             raise RuntimeError("distributed.shard() needs a function decorated with @distributed.collective")
+        if self.run is not None:
+            # every rank has passed its checks (results folder lock, data, k): a rank that failed them
+            # stops the others here, before hours of work, rather than at the final exchange
+            self.run.exchange("started")
         self.mine = assign(self.items, weights, world_size())[rank()] if launched() else list(self.items)
         self.log = log
         self.capture = None
