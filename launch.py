@@ -186,14 +186,12 @@ def train_seed(launch: Launch) -> int:
 def precision(launch: Launch) -> str:
     """FSAD_PRECISION made concrete for this process's device ('auto' -> bf16 on a recent GPU,
     fp32 on CPU): folders are named after what runs, not after 'auto'."""
-    from models.backbones import resolve_precision
-
     value = _env("PRECISION", "auto")
     if value.lower() == "fp32":
         return "fp32"  # needs no device (folder names can be computed anywhere)
-    device = distributed.rank_device(launch.device)  # its own errors name the device
+    distributed.rank_device(launch.device)  # device errors first: they name the device, not FSAD_PRECISION
     try:
-        return resolve_precision(value, device)
+        return distributed.run_precision(value, launch.device)
     except ValueError as e:
         key = next((k for k in _keys("PRECISION") if os.environ.get(k, "").strip()), "FSAD_PRECISION")
         raise ValueError(f"environment variable {key}: {e}") from None
@@ -306,6 +304,23 @@ def check_before_training(launch: Launch, plan: MethodPlan, plans) -> None:
                                                        win_stride=launch.win_stride))
 
 
+def check_trained(launch: Launch, plan: MethodPlan, plans) -> None:
+    """test mode: heads missing here but trained at another precision (another `_bf16` folder) are
+    named, with the setting that tests them, instead of a bare "checkpoint not found"."""
+    tag = plan.cls.checkpoint_tag(plan.config)
+    for train_set, test_set in plans:
+        ckpt = Path(test_config(launch, plan, train_set, test_set).checkpoint)
+        if ckpt.is_file():
+            continue
+        for other in ("fp32", "bf16", "fp16"):
+            folder = ckpt.parents[1].with_name(f"train_{train_set.name}_{tag}" + ("" if other == "fp32" else f"_{other}"))
+            found = folder / ckpt.parent.name / ckpt.name
+            if found != ckpt and found.is_file():
+                raise FileNotFoundError(f"checkpoint not found: {ckpt}; {found} holds heads trained with precision "
+                                        f"{other}: set FSAD_PRECISION={other} to test them (or train these with "
+                                        f"trainAndTest.sh)")
+
+
 def check_folders(mode: str, launch: Launch, plan: MethodPlan, plans, train_script, test_script) -> None:
     """Conflicts with what is on disk, before any training: a checkpoint folder trained with other
     settings (train.py's check_same_run), and a results folder of this settings tag holding another
@@ -344,6 +359,8 @@ def run(mode: str, args: list[str]) -> None:
             train_script.check_output(train_config(launch, plan, train_set))
         test_script.check_output(test_config(launch, plan, train_set, test_set))
     check_before_training(launch, plan, plans)
+    if mode == "test" and plan.cls.trainable:
+        check_trained(launch, plan, plans)
     check_folders(mode, launch, plan, plans, train_script, test_script)
     if mode == "train_and_test" and plan.cls.trainable:
         for train_set, _ in plans:

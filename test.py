@@ -27,7 +27,7 @@ from data.dataset import AnomalyDataset, categories, load_image, load_meta, sele
 from methods import list_methods, resolve_method_config
 from methods.base import InferenceOptions, Method
 from methods.checkpoint import build_method, read_checkpoint
-from models.backbones import PRECISIONS, resolve_precision
+from models.backbones import PRECISIONS
 from utils import distributed, report
 from utils.cli import error_report, run_cli
 from utils.config import (MethodConfig, TestConfig, as_json, differing_keys, effective_test_settings,
@@ -184,10 +184,18 @@ def _finished(run_dir: Path, cfg: TestConfig, method_name: str, training: tuple[
     if training is not None:  # heads retrained with other settings under the same path
         if as_json(training[0]) != stored.get("train") or training[1] != stored.get("checkpoint_epoch"):
             diff.append("the checkpoint's training")
+    if "precision" in diff:
+        diff[diff.index("precision")] = precision_difference(stored_test.get("precision"), current["precision"])
     if diff:
         raise ValueError(f"{run_dir} holds results of another configuration (differs in {', '.join(diff)}); "
                          f"{REUSE_HINT} or delete that folder to redo it")
     return True
+
+
+def precision_difference(stored: str, current: str) -> str:
+    """The 'differs in' entry for precision, with how to continue the stored run."""
+    return (f"precision: stored {stored}, this run {current}; --precision {stored} (launchers: "
+            f"FSAD_PRECISION={stored}) continues it")
 
 
 def check_results_folder(cfg: TestConfig, training: tuple[dict, int] | None = None) -> bool:
@@ -199,7 +207,7 @@ def check_results_folder(cfg: TestConfig, training: tuple[dict, int] | None = No
 def run_precision(cfg: TestConfig) -> str:
     """The precision a run records: 'auto' made concrete for this process's device (bf16 on a recent
     GPU, fp32 on CPU), so a finished folder is compared with what this run would compute."""
-    return resolve_precision(cfg.precision, distributed.rank_device(cfg.device))
+    return distributed.run_precision(cfg.precision, cfg.device)
 
 
 def results_dir(cfg: TestConfig) -> Path:
@@ -225,7 +233,7 @@ def check_output(cfg: TestConfig, force: bool = False) -> bool:
 def evaluate(cfg: TestConfig, force: bool = False) -> Path:
     run_dir = results_dir(cfg)
     device = resolve_device(cfg.device)  # under torchrun this joins the process group
-    cfg = replace(cfg, precision=resolve_precision(cfg.precision, device))  # recorded resolved, not 'auto'
+    cfg = replace(cfg, precision=run_precision(cfg))  # recorded resolved, not 'auto'
     method_name = requested_method(cfg)
     if check_output(cfg, force):
         log.info("already evaluated (read-only folder): %s", run_dir)

@@ -26,7 +26,7 @@ from data.meta import missing_mask_items
 from methods import METHODS, create_method, list_methods, resolve_method_config
 from methods.base import Method
 from methods.checkpoint import DamagedCheckpointError, check_backbones, checkpoint_payload, read_checkpoint
-from models.backbones import PRECISIONS, resolve_precision
+from models.backbones import PRECISIONS
 from utils import distributed
 from utils.cli import error_report, run_cli
 from utils.config import MethodConfig, TrainConfig, check_seed, differing_keys, resolve_device, to_dict
@@ -83,7 +83,12 @@ def check_same_run(ckpt_path: Path, cfg: TrainConfig, method: str, ckpt: dict | 
         raise ValueError(f"{ckpt_path.parent} holds a training run of method '{ckpt['method']}', not "
                          f"'{method}'; use another out-dir (launchers: another model_name) or delete it")
     stored = {"precision": "fp32", **ckpt.get("train_config", {})}  # runs from before --precision were fp32
-    diff = differing_keys(stored, to_dict(cfg), TRAIN_KEYS)
+    current = {**to_dict(cfg), "precision": distributed.run_precision(cfg.precision, cfg.device)}
+    diff = differing_keys(stored, current, TRAIN_KEYS)
+    if "precision" in diff:  # say how to continue the stored run instead of deleting it
+        diff[diff.index("precision")] = (f"precision: stored {stored['precision']}, this run {current['precision']}; "
+                                         f"--precision {stored['precision']} (launchers: FSAD_PRECISION="
+                                         f"{stored['precision']}) continues it")
     if diff:
         raise ValueError(f"{ckpt_path.parent} holds a training run with other settings (differs in "
                          f"{', '.join(diff)}); use another out-dir (launchers: another model_name) or delete it")
@@ -116,7 +121,7 @@ def resolve_training(cfg: TrainConfig) -> tuple[TrainConfig, dict]:
     cfg = replace(cfg, data_root=str(Path(cfg.data_root).resolve()),  # the same run, however spelled
                   lr=cfg.lr if cfg.lr is not None else float(defaults.get("lr", 1e-3)),
                   betas=tuple(cfg.betas if cfg.betas is not None else defaults.get("betas", (0.9, 0.999))),
-                  precision=resolve_precision(cfg.precision, distributed.rank_device(cfg.device)))
+                  precision=distributed.run_precision(cfg.precision, cfg.device))
     return cfg, method_cfg
 
 

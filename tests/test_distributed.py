@@ -382,6 +382,43 @@ def test_device_rules(monkeypatch):
         distributed.rank_device("0")
 
 
+def test_auto_precision_is_one_value_for_every_rank_of_mixed_gpus(monkeypatch):
+    """Two GPUs of which one lacks native bf16: 'auto' gives fp16 on both ranks (ranks that resolved
+    it alone would compute, and name their folders, differently); bf16 is refused on both."""
+    from models.backbones import base
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(base, "_cuda_bf16", lambda dev, native: dev.index == 0 or not native)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        assert base.resolve_precision("auto", torch.device(f"cuda:{rank}")) == ("bf16" if rank == "0" else "fp16")
+        assert distributed.run_precision("auto", "cuda") == "fp16"
+        assert distributed.run_precision("fp32", "0,1") == "fp32"
+    monkeypatch.setattr(base, "_cuda_bf16", lambda dev, native: dev.index == 0)
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        with pytest.raises(ValueError, match="cuda:1 has no bfloat16 support"):
+            distributed.run_precision("bf16", "cuda")
+
+
+def test_launcher_test_mode_names_heads_of_another_precision(launch_env, tmp_path):
+    """test_few_shot.sh at fp32 (auto on CPU) where only bf16-trained heads exist: the error names
+    them and FSAD_PRECISION=bf16, before any work."""
+    found = tmp_path / "h" / "checkpoints" / "train_a_nam1_bf16" / "seed111" / "epoch_1.pth"
+    found.parent.mkdir(parents=True)
+    found.write_bytes(b"")  # only its existence is checked
+    res = launcher("test_few_shot.sh", ["h", "cpu", "1", "nan", "13", "2", "0.5", "0", "1"],
+                   {**launch_env, "RESULTS_ROOT": str(tmp_path)})
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert f"{found} holds heads trained with precision bf16: set FSAD_PRECISION=bf16" in res.stderr, res.stderr
+    assert not list(tmp_path.glob("h_*"))  # no results folder
+
+
 def test_assignment_balances_and_covers_every_category():
     items, weights = ["a", "b", "c", "d", "e"], [10, 50, 20, 20, 5]
     parts = distributed.assign(items, weights, 2)

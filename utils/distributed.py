@@ -139,6 +139,23 @@ def rank_device(spec: str) -> torch.device:
     return torch.device("cpu") if indices is None else resolve_single_device(indices[local_rank()])
 
 
+def run_precision(value: str | None, spec: str) -> str:
+    """A run's precision for a --device value, 'auto' made concrete: the same on every process of
+    the machine, so no rank computes (or names its folders) differently. 'auto' over GPUs of mixed
+    kinds takes fp16 when one of them lacks native bf16; an explicit value one GPU cannot run is
+    refused on every rank alike."""
+    from models.backbones import resolve_precision
+
+    device = rank_device(spec)  # checks the value (its errors name the device)
+    indices = _cuda_indices(spec, local_world_size()) if launched() else None
+    if indices is None:
+        return resolve_precision(value, device)
+    from utils.config import resolve_single_device
+
+    values = {resolve_precision(value, resolve_single_device(i)) for i in indices}
+    return "fp16" if "fp16" in values else values.pop()
+
+
 # ---------------------------------------------------------------------------------------
 # process group
 # ---------------------------------------------------------------------------------------

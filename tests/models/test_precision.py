@@ -138,8 +138,9 @@ def test_runs_record_the_resolved_precision_and_refuse_another(datasets, tmp_pat
                      results_root=str(tmp_path), model_name="p", classes=["candle"], precision="bf16")
     run = test_script.evaluate(cfg)
     assert json.loads((run / "config.json").read_text())["test"]["precision"] == "bf16"
-    with pytest.raises(ValueError, match="differs in precision"):
-        test_script.evaluate(TestConfig(**{**cfg.__dict__, "precision": "auto"}))  # auto = fp32 on CPU
+    # auto = fp32 on CPU; the error says how to continue the stored run instead of deleting it
+    with pytest.raises(ValueError, match="differs in precision: stored bf16, this run fp32; --precision bf16"):
+        test_script.evaluate(TestConfig(**{**cfg.__dict__, "precision": "auto"}))
     # a results folder written before --precision existed holds fp32 numbers: still finished for fp32
     config = json.loads((run / "config.json").read_text())
     del config["test"]["precision"]
@@ -160,8 +161,15 @@ def test_bf16_training_keeps_fp32_checkpoints_and_resume_checks_precision(datase
     assert ckpt["train_config"]["precision"] == "bf16"
     assert all(v.dtype in (torch.float32, torch.int64) for v in ckpt["state"].values())
     assert all(s["exp_avg"].dtype == torch.float32 for s in ckpt["optimizer"]["state"].values())
-    with pytest.raises(ValueError, match="differs in precision"):
+    with pytest.raises(ValueError, match="differs in precision: stored bf16, this run fp32; --precision bf16 "
+                                         r"\(launchers: FSAD_PRECISION=bf16\) continues it"):
         train.train(TrainConfig(**{**cfg.__dict__, "epochs": 2, "precision": "fp32"}))
+    # check_same_run resolves 'auto' itself (fp32 on CPU): a resolved and an unresolved config agree
+    last = train.checkpoint_path(tmp_path, 1)
+    train.check_same_run(last, TrainConfig(**{**train.resolve_training(cfg)[0].__dict__, "precision": "bf16"}), "fdsl")
+    with pytest.raises(ValueError, match="stored bf16, this run fp32"):
+        train.check_same_run(last, TrainConfig(**{**train.resolve_training(cfg)[0].__dict__, "precision": "auto"}),
+                             "fdsl")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
