@@ -197,14 +197,16 @@ def precision(launch: Launch) -> str:
         raise ValueError(f"environment variable {key}: {e}") from None
 
 
-def precision_tag(launch: Launch) -> list[str]:
-    """Reduced precision changes the numbers a little: it is named (e.g. _bf16); fp32 is not."""
-    p = precision(launch)
+def precision_tag(launch: Launch, value: str | None = None) -> list[str]:
+    """Reduced precision changes the numbers a little: it is named (e.g. _bf16); fp32 is not.
+    `value`: that precision instead of the launch's."""
+    p = precision(launch) if value is None else value
     return [] if p == "fp32" else [p]
 
 
-def checkpoint_dir(launch: Launch, plan: MethodPlan, train_set: DatasetSpec) -> Path:
-    tag = "_".join([plan.cls.checkpoint_tag(plan.config), *precision_tag(launch)])
+def checkpoint_dir(launch: Launch, plan: MethodPlan, train_set: DatasetSpec, at_precision: str | None = None) -> Path:
+    """The heads' folder; `at_precision`: that of heads trained at another precision (default: the launch's)."""
+    tag = "_".join([plan.cls.checkpoint_tag(plan.config), *precision_tag(launch, at_precision)])
     return (results_root() / plan.folder / "checkpoints" / f"train_{train_set.name}_{tag}"
             / f"seed{train_seed(launch)}")
 
@@ -307,14 +309,12 @@ def check_before_training(launch: Launch, plan: MethodPlan, plans) -> None:
 def check_trained(launch: Launch, plan: MethodPlan, plans) -> None:
     """test mode: heads missing here but trained at another precision (another `_bf16` folder) are
     named, with the setting that tests them, instead of a bare "checkpoint not found"."""
-    tag = plan.cls.checkpoint_tag(plan.config)
     for train_set, test_set in plans:
         ckpt = Path(test_config(launch, plan, train_set, test_set).checkpoint)
         if ckpt.is_file():
             continue
         for other in ("fp32", "bf16", "fp16"):
-            folder = ckpt.parents[1].with_name(f"train_{train_set.name}_{tag}" + ("" if other == "fp32" else f"_{other}"))
-            found = folder / ckpt.parent.name / ckpt.name
+            found = checkpoint_dir(launch, plan, train_set, other) / ckpt.name
             if found != ckpt and found.is_file():
                 raise FileNotFoundError(f"checkpoint not found: {ckpt}; {found} holds heads trained with precision "
                                         f"{other}: set FSAD_PRECISION={other} to test them (or train these with "

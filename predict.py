@@ -237,7 +237,7 @@ def inference_options(args) -> InferenceOptions:
         raise ValueError(f"--win-size and --win-stride must be >= 1, got {args.win_size}, {args.win_stride}")
     return InferenceOptions(winmode=args.winmode, win_size=args.win_size, win_stride=args.win_stride,
                             win_weight=args.win_weight, image_index=args.image_index,
-                            precision=getattr(args, "precision", None))
+                            precision=args.precision)
 
 
 def _tensor(arr: np.ndarray) -> torch.Tensor:

@@ -31,7 +31,7 @@ from models.backbones import PRECISIONS
 from utils import distributed, report
 from utils.cli import error_report, run_cli
 from utils.config import (MethodConfig, TestConfig, as_json, differing_keys, effective_test_settings,
-                          resolve_device, to_dict, validate_test)
+                          precision_difference, resolve_device, to_dict, validate_test)
 from utils.device import loader_options, synchronize, to_host
 from utils.io import OutputError, check_writable, read_json
 from utils.lock import RunLock
@@ -190,12 +190,6 @@ def _finished(run_dir: Path, cfg: TestConfig, method_name: str, training: tuple[
         raise ValueError(f"{run_dir} holds results of another configuration (differs in {', '.join(diff)}); "
                          f"{REUSE_HINT} or delete that folder to redo it")
     return True
-
-
-def precision_difference(stored: str, current: str) -> str:
-    """The 'differs in' entry for precision, with how to continue the stored run."""
-    return (f"precision: stored {stored}, this run {current}; --precision {stored} (launchers: "
-            f"FSAD_PRECISION={stored}) continues it")
 
 
 def check_results_folder(cfg: TestConfig, training: tuple[dict, int] | None = None) -> bool:

@@ -29,7 +29,8 @@ from methods.checkpoint import DamagedCheckpointError, check_backbones, checkpoi
 from models.backbones import PRECISIONS
 from utils import distributed
 from utils.cli import error_report, run_cli
-from utils.config import MethodConfig, TrainConfig, check_seed, differing_keys, resolve_device, to_dict
+from utils.config import (MethodConfig, TrainConfig, check_seed, differing_keys, precision_difference, resolve_device,
+                          to_dict)
 from utils.device import to_device
 from utils.io import atomic_torch_save, atomic_write_json, check_writable
 from utils.lock import RunLock
@@ -85,10 +86,8 @@ def check_same_run(ckpt_path: Path, cfg: TrainConfig, method: str, ckpt: dict | 
     stored = {"precision": "fp32", **ckpt.get("train_config", {})}  # runs from before --precision were fp32
     current = {**to_dict(cfg), "precision": distributed.run_precision(cfg.precision, cfg.device)}
     diff = differing_keys(stored, current, TRAIN_KEYS)
-    if "precision" in diff:  # say how to continue the stored run instead of deleting it
-        diff[diff.index("precision")] = (f"precision: stored {stored['precision']}, this run {current['precision']}; "
-                                         f"--precision {stored['precision']} (launchers: FSAD_PRECISION="
-                                         f"{stored['precision']}) continues it")
+    if "precision" in diff:
+        diff[diff.index("precision")] = precision_difference(stored["precision"], current["precision"])
     if diff:
         raise ValueError(f"{ckpt_path.parent} holds a training run with other settings (differs in "
                          f"{', '.join(diff)}); use another out-dir (launchers: another model_name) or delete it")

@@ -178,6 +178,13 @@ def effective_test_settings(test: dict) -> dict:
     return t
 
 
+def precision_difference(stored: str, current: str) -> str:
+    """The 'differs in' entry of a results or checkpoint folder of another precision, with how to
+    continue the stored run (instead of deleting it)."""
+    return (f"precision: stored {stored}, this run {current}; --precision {stored} (launchers: "
+            f"FSAD_PRECISION={stored}) continues it")
+
+
 def differing_keys(stored: dict, current: dict, keys) -> list[str]:
     """Keys whose values differ between a stored and a current configuration."""
     a, b = as_json(stored), as_json(current)
