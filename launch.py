@@ -1,6 +1,9 @@
 """The cross-dataset protocol behind trainAndTest.sh and test_few_shot.sh.
 
-    python launch.py {train_and_test|test} model_name device useNAM winmode win-size win-stride win-weight seed kshots
+    python launch.py {train_and_test|test|where} model_name device useNAM winmode win-size win-stride win-weight seed kshots
+
+`where` prints, per half, the train and test dataset, the checkpoint ('-': none) and the results
+folder, tab-separated, without running anything.
 
 Train on MVTec AD -> test on VisA; train on VisA -> test on MVTec AD. The method (METHOD=fdsl,
 dcpsfr or knn), paths, backbone and schedule come from environment variables (README,
@@ -21,7 +24,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from utils import distributed
+from utils import distributed, report
 from utils.cli import run_cli
 from utils.config import WINMODES, MethodConfig, TestConfig, TrainConfig, effective_test_settings, to_dict
 
@@ -280,7 +283,7 @@ def _script(name: str):
     `test` package instead."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(f"fdsl_{name}_script", REPO / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"fsad_{name}_script", REPO / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -369,11 +372,30 @@ def run(mode: str, args: list[str]) -> None:
         test_script.evaluate(test_config(launch, plan, train_set, test_set))
 
 
+def where(args: list[str]) -> list[tuple[str, str, str, str]]:
+    """(train set, test set, checkpoint or '-', results folder) of each half of a launch, as the
+    other modes compute them; nothing is run or checked on disk (demo.sh finds its run with it)."""
+    launch = parse_positional(args)
+    plan = method_plan(launch)
+    mvtec, visa = datasets()
+    out = []
+    for train_set, test_set in ((mvtec, visa), (visa, mvtec)):
+        cfg = test_config(launch, plan, train_set, test_set)
+        run_dir = report.run_dir(cfg.results_root, cfg.model_name, cfg.dataset, cfg.k_shot, cfg.seed)
+        out.append((train_set.name, test_set.name, cfg.checkpoint or "-", str(run_dir)))
+    return out
+
+
+MODES = ("train_and_test", "test", "where")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in ("train_and_test", "test"):
-        print(f"launch.py: error: first argument must be train_and_test or test\n{USAGE}", file=sys.stderr)
+    if not argv or argv[0] not in MODES:
+        print(f"launch.py: error: first argument must be one of {', '.join(MODES)}\n{USAGE}", file=sys.stderr)
         return 2
+    if argv[0] == "where":
+        return run_cli("launch.py", lambda: print("\n".join("\t".join(row) for row in where(argv[1:]))))
     return run_cli("launch.py", lambda: run(argv[0], argv[1:]))
 
 if __name__ == "__main__":

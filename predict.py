@@ -8,7 +8,8 @@
 
 Writes to OUT, per query photo, <name>_overlay.png (the photo at its own size with the anomaly map
 blended in) and, with a threshold, <name>_mask.png (white = map >= threshold); then predictions.csv
-and predictions.json (highest score first, with the run's settings, skipped files and why).
+and predictions.json (highest score first, with the run's settings, skipped files and why), and
+index.html: the same run as a page (thumbnails by score, flags, full-size overlay, mask and original).
 <name> is the photo's file stem, prefixed with parent folder names when stems repeat, the same
 number of folders for every photo of the run (good/000.png, crack/000.png -> good_000, crack_000).
 
@@ -25,6 +26,7 @@ import csv
 import glob
 import io
 import math
+import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,11 +42,13 @@ from methods.base import InferenceOptions, Method
 from methods.checkpoint import build_method, read_checkpoint
 from utils.cli import run_cli
 from utils.config import IMAGE_INDEX, PRECISIONS, WINMODES, resolve_device
+from utils.html import predictions_page
 from utils.io import atomic_write_json, atomic_write_text, read_json
 from utils.visualize import DEFAULT_ALPHA, DEFAULT_COLORMAP, ColourScale, binary_mask, overlay, save_png
 
 SUMMARY = "predictions.json"
 TABLE = "predictions.csv"
+PAGE = "index.html"
 # test.py run settings that change a map's values (k_shot: the number of references)
 RUN_SETTINGS = ("k_shot", "winmode", "win_size", "win_stride", "win_weight", "image_index")
 
@@ -372,9 +376,24 @@ def predict(args) -> Path:
         "predictions": rows,
     }
     atomic_write_json(out / SUMMARY, summary)
+    write_page(out, summary)
     flagged = f", {n_anomalous} anomalous ({threshold.rule})" if n_anomalous is not None else ""
-    print(f"scored {len(rows)} image(s){flagged}; skipped {len(skipped)}; wrote {out / TABLE} and {out / SUMMARY}")
+    print(f"scored {len(rows)} image(s){flagged}; skipped {len(skipped)}; wrote {out / TABLE}, {out / SUMMARY} "
+          f"and {out / PAGE}")
     return out
+
+
+def _relative(path: str, folder: Path) -> str | None:
+    try:
+        return os.path.relpath(Path(path).resolve(), folder.resolve())
+    except ValueError:  # another drive (Windows): no relative link exists
+        return None
+
+
+def write_page(out: Path, summary: dict) -> Path:
+    """index.html from the dict written to predictions.json, the originals linked relative to it."""
+    originals = [_relative(r["image"], out) for r in summary["predictions"]]
+    return atomic_write_text(out / PAGE, predictions_page(summary, originals))
 
 
 def _write_outputs(out: Path, path: Path, name: str, amap: np.ndarray, score: float, threshold: Threshold,

@@ -33,11 +33,11 @@ from utils.cli import error_report, run_cli
 from utils.config import (MethodConfig, TestConfig, as_json, differing_keys, effective_test_settings,
                           precision_difference, resolve_device, to_dict, validate_test)
 from utils.device import loader_options, synchronize, to_host
-from utils.io import OutputError, check_writable, read_json
+from utils.io import OutputError, atomic_write_json, check_writable, read_json
 from utils.lock import RunLock
 from utils.metrics import compute_category_metrics
 
-log = logging.getLogger("fdsl.test")
+log = logging.getLogger("fsad.test")
 
 
 def _mask_size(root: Path, items: list[dict], eval_size: int) -> tuple[int, int]:
@@ -85,10 +85,14 @@ def save_category_images(run_dir: Path, cls: str, ds: AnomalyDataset, metrics: d
     n = len(labels) if cfg.save_images < 0 else cfg.save_images
     normal, anomalous = pick_images(labels, scores, n)
     names = image_names([it["img_path"] for it in ds.items])
+    index = []  # which image each panel shows, for report.html
     for i in normal + anomalous:
         sample = ds[i]
         save_panel(run_dir / "images" / cls / f"{names[i]}.png", sample["image"], all_maps[i], scale,
                    sample["mask"].numpy() if has_mask[i] else None, t)
+        index.append({"panel": f"images/{cls}/{names[i]}.png", "image": ds.items[i]["img_path"],
+                      "label": "anomalous" if labels[i] else "normal", "score": float(scores[i])})
+    atomic_write_json(run_dir / "images" / cls / report.PANELS_INDEX, index)
     save_curves(run_dir / "curves", cls, labels, scores, masks, maps, cfg.fpr_limit)
 
 
@@ -204,10 +208,15 @@ def run_precision(cfg: TestConfig) -> str:
     return distributed.run_precision(cfg.precision, cfg.device)
 
 
+def model_name(cfg: TestConfig) -> str:
+    """--model-name, else the method's name: a knn run without one lands in results/knn/..."""
+    return cfg.model_name or requested_method(cfg)
+
+
 def results_dir(cfg: TestConfig) -> Path:
     """The run's results folder, after checking the settings that name it (seed, k, ...)."""
     validate_test(cfg)
-    return report.run_dir(cfg.results_root, cfg.model_name, cfg.dataset, cfg.k_shot, cfg.seed)
+    return report.run_dir(cfg.results_root, model_name(cfg), cfg.dataset, cfg.k_shot, cfg.seed)
 
 
 def check_output(cfg: TestConfig, force: bool = False) -> bool:
@@ -227,7 +236,8 @@ def check_output(cfg: TestConfig, force: bool = False) -> bool:
 def evaluate(cfg: TestConfig, force: bool = False) -> Path:
     run_dir = results_dir(cfg)
     device = resolve_device(cfg.device)  # under torchrun this joins the process group
-    cfg = replace(cfg, precision=run_precision(cfg))  # recorded resolved, not 'auto'
+    # recorded resolved: the precision, not 'auto'; the folder name, not ''
+    cfg = replace(cfg, precision=run_precision(cfg), model_name=model_name(cfg))
     method_name = requested_method(cfg)
     if check_output(cfg, force):
         log.info("already evaluated (read-only folder): %s", run_dir)
@@ -237,6 +247,8 @@ def evaluate(cfg: TestConfig, force: bool = False) -> Path:
     with lock:
         if not force and _finished(run_dir, cfg, method_name):
             log.info("already evaluated: %s", run_dir)
+            if distributed.is_main() and not (run_dir / report.RUN_PAGE).is_file():
+                report.write_run_page(run_dir)  # a run finished before report.html existed
             return run_dir
         return _evaluate_locked(cfg, run_dir, device)
 
@@ -290,7 +302,9 @@ def _evaluate_locked(cfg: TestConfig, run_dir: Path, device: torch.device) -> Pa
         handler.close()
     if not shard.is_main:
         return run_dir
-    print(f"\n{cfg.model_name} | {cfg.dataset} | {cfg.k_shot}-shot | seed {cfg.seed}\n{table}\n-> {run_dir}")
+    page = report.write_run_page(run_dir)
+    print(f"\n{cfg.model_name} | {cfg.dataset} | {cfg.k_shot}-shot | seed {cfg.seed}\n{table}\n-> {run_dir} "
+          f"(page: {page.name})")
     return run_dir
 
 
@@ -304,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default=None, help=f"one of {', '.join(list_methods())}; with --checkpoint it must "
                    f"be the checkpoint's method (default: the checkpoint's)")
     p.add_argument("--results-root", default=d.results_root, help="folder of all results (default: %(default)s)")
-    p.add_argument("--model-name", default=d.model_name, help="results folder name (default: %(default)s)")
+    p.add_argument("--model-name", default=d.model_name, help="results folder name (default: the method's name, "
+                   f"e.g. {', '.join(list_methods())})")
     p.add_argument("--classes", nargs="*", default=None, help="categories to test (default: all)")
     p.add_argument("--backbone", default=None, help="backbone config(s), NAME or role=NAME,...: override the "
                    "checkpoint's (must match it) or choose a training-free method's (default: the checkpoint's, "

@@ -35,7 +35,7 @@ from utils.device import to_device
 from utils.io import atomic_torch_save, atomic_write_json, check_writable
 from utils.lock import RunLock
 
-log = logging.getLogger("fdsl.train")
+log = logging.getLogger("fsad.train")
 
 
 def checkpoint_path(out_dir: str | Path, epoch: int) -> Path:

@@ -46,7 +46,7 @@ def _load_test_script():
     import importlib.util
 
     path = Path(__file__).resolve().parents[1] / "test.py"
-    spec = importlib.util.spec_from_file_location("fdsl_test_script", path)
+    spec = importlib.util.spec_from_file_location("fsad_test_script", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

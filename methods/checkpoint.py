@@ -125,7 +125,7 @@ def _check_weights_and_size(role: str, old: dict, sig: dict, path) -> None:
                          f"differ in content (sha256 {str(now.get('sha256'))[:12]}); pass the training weights "
                          f"(FSAD_PRETRAINED / --pretrained: the same file at another path is fine) or retrain")
     if "image_size" in old and old["image_size"] != sig.get("image_size"):
-        logging.getLogger("fdsl.checkpoint").warning(
+        logging.getLogger("fsad.checkpoint").warning(
             "%s was trained at %s px, the %s backbone now runs at %s px: the heads see features of another "
             "scale", path, old["image_size"], role, sig.get("image_size"))
 

@@ -11,7 +11,7 @@ SAMPLE_DATA = Path(os.environ.get("FSAD_SAMPLE_DATA", REPO.parent / "shared" / "
 
 def load_test_script():
     """The repository's test.py, imported by path (`import test` may find the stdlib package)."""
-    spec = importlib.util.spec_from_file_location("fdsl_test_script", REPO / "test.py")
+    spec = importlib.util.spec_from_file_location("fsad_test_script", REPO / "test.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

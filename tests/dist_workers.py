@@ -59,7 +59,7 @@ def load_script(name: str):
     import importlib.util
 
     sys.path.insert(0, str(REPO))
-    spec = importlib.util.spec_from_file_location(f"fdsl_{name}_script", REPO / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"fsad_{name}_script", REPO / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

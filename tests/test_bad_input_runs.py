@@ -220,7 +220,7 @@ def test_no_readable_epoch_means_starting_over(ckpt_dir, tmp_path, caplog):
     shutil.copytree(ckpt_dir, out)
     damage(out / "epoch_1.pth", "empty")
     damage(out / "epoch_2.pth", "garbage")
-    with caplog.at_level(logging.WARNING, logger="fdsl.train"):
+    with caplog.at_level(logging.WARNING, logger="fsad.train"):
         assert train.last_good_checkpoint(out) == (0, None, None)
     assert "falling back to epoch_1.pth" in caplog.text and "training starts over" in caplog.text
 
@@ -297,7 +297,7 @@ def test_unwritable_output_folder_is_refused_first(datasets, tmp_path, immutable
         what = f"cannot write the results folder {run_folder(blocker / 'results')}"
     line = error_line(res, entry)
     assert what in line and needle in line
-    assert "fdsl.test: method" not in res.stderr  # refused before any model was built
+    assert "fsad.test: method" not in res.stderr  # refused before any model was built
     assert files(tmp_path) == ({"a_file": b"x"} if how == "parent_is_a_file" else {})
 
 

@@ -385,7 +385,7 @@ def test_device_rules(monkeypatch):
 def test_auto_precision_is_one_value_for_every_rank_of_mixed_gpus(monkeypatch):
     """Two GPUs of which one lacks native bf16: 'auto' gives fp16 on both ranks (ranks that resolved
     it alone would compute, and name their folders, differently); bf16 is refused on both."""
-    from models.backbones import base
+    from utils import precision as base
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)

@@ -54,7 +54,7 @@ def run_cli(prog: str, work: Callable[[], object]) -> int:
     """Run `work`; a user error (USER_ERRORS, also when raised in a DataLoader worker) is printed as
     `prog: error: ...` with exit code 2 instead of a traceback. Other exceptions propagate."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("fdsl").setLevel(logging.INFO)
+    logging.getLogger("fsad").setLevel(logging.INFO)  # the project's loggers: fsad.train, fsad.test, ...
     try:
         work()
     except USER_ERRORS as e:

@@ -57,7 +57,7 @@ class TestConfig:
     dataset: str = "visa"
     checkpoint: str = ""  # trained methods; "" for a training-free method (then `method` is required)
     results_root: str = "results"
-    model_name: str = "fdsl"
+    model_name: str = ""  # results folder name; "" = the method's name (test.py model_name())
     method: str | None = None  # None = the checkpoint's method; another one is refused
     # None = what the checkpoint was trained with; a different backbone is refused when loading
     backbone: str | None = None

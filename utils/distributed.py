@@ -34,6 +34,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, RandomSampler, Sampler
 
 from utils.device import loader_options
+from utils.precision import resolve_precision
 
 # Waiting ranks sit in a collective until the slowest rank is done (evaluation: until its last
 # category), so the timeout must cover the imbalance between ranks, not one message.
@@ -144,8 +145,6 @@ def run_precision(value: str | None, spec: str) -> str:
     the machine, so no rank computes (or names its folders) differently. 'auto' over GPUs of mixed
     kinds takes fp16 when one of them lacks native bf16; an explicit value one GPU cannot run is
     refused on every rank alike."""
-    from models.backbones import resolve_precision
-
     device = rank_device(spec)  # checks the value (its errors name the device)
     indices = _cuda_indices(spec, local_world_size()) if launched() else None
     if indices is None:

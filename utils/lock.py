@@ -25,7 +25,7 @@ except ImportError:  # Windows: the pid check alone decides
     fcntl = None
 
 LOCK_NAME = ".lock"
-log = logging.getLogger("fdsl.lock")
+log = logging.getLogger("fsad.lock")
 
 
 class RunLockedError(OutputError):

@@ -4,6 +4,7 @@ Layout: ``results/<model>/<dataset>/<k>shot/seed<s>/`` with
   config.json   the full configuration of the run
   metrics.json  {"per_category": {cls: metrics}, "mean": {...}, "excluded": {...}, ...}
   table.md      per-category table in percent, 'n/a' for undefined metrics
+  report.html   the run as a page: metrics, curves and panels (--save-images), configuration
 
 metrics.json is written last, so its presence means the run finished
 (``is_run_complete``) and launchers can skip that seed.
@@ -17,6 +18,7 @@ import csv
 import io
 import json
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -25,6 +27,8 @@ from typing import Iterable, NamedTuple
 import numpy as np
 from tabulate import tabulate
 
+from utils.config import effective_test_settings
+from utils.html import comparison_page, run_page
 from utils.io import atomic_write_json, atomic_write_text, read_json
 
 # (key in metrics.json, column header); thresholds are stored but not tabulated.
@@ -135,6 +139,33 @@ def write_run(run_dir, config: dict, per_category: dict, extra: dict | None = No
     atomic_write_json(d / "metrics.json",
                       {"per_category": per_category, "mean": mean, "excluded": excluded, **extra})
     return table
+
+
+RUN_PAGE = "report.html"
+PANELS_INDEX = "panels.json"  # images/<category>/panels.json: which image each panel shows (test.py)
+CURVE_KINDS = ("roc", "pr", "pro")  # curves/<category>_<kind>.png (utils.visualize.save_curves)
+
+
+def run_title(run_dir) -> str:
+    d = Path(run_dir)
+    return f"{d.parent.parent.parent.name} | {d.parent.parent.name} | {d.parent.name} | {d.name}"
+
+
+def write_run_page(run_dir) -> Path:
+    """report.html of a finished run, from what its folder holds: config.json, metrics.json, and the
+    curves and panels of test.py --save-images where they exist."""
+    d = Path(run_dir)
+    config = read_json(d / "config.json", "results config")
+    metrics = read_json(d / "metrics.json", "metrics file")
+    curves, panels = {}, {}
+    for cls in metrics.get("per_category", {}):
+        found = {k: f"curves/{cls}_{k}.png" for k in CURVE_KINDS if (d / "curves" / f"{cls}_{k}.png").is_file()}
+        if found:
+            curves[cls] = found
+        index = d / "images" / cls / PANELS_INDEX
+        if index.is_file():
+            panels[cls] = [p for p in read_json(index, "panel index") if (d / p["panel"]).is_file()]
+    return atomic_write_text(d / RUN_PAGE, run_page(run_title(d), config, metrics, TABLE_METRICS, curves, panels))
 
 
 def is_run_complete(run_dir) -> bool:
@@ -341,10 +372,71 @@ def category_table(runs: list[Run], model: str, dataset: str, shots: int) -> tup
     return md, _csv(["category", "seeds"] + _csv_metric_header(), csv_rows)
 
 
+# test settings that change numbers (test.py RESULT_KEYS less paths and names)
+SETTING_KEYS = ("winmode", "win_size", "win_stride", "win_weight", "image_index", "eval_size", "fpr_limit",
+                "image_size", "precision")
+
+
+def _run_config(results_dir: Path, run: Run) -> dict:
+    try:
+        config = read_json(run_dir(results_dir, run.model, run.dataset, run.shots, run.seed) / "config.json",
+                           "results config")
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _run_facts(config: dict) -> tuple[dict, dict]:
+    """(method and backbone(s), settings) of a run's config.json: the settings are the method's
+    parameters and the test settings that change numbers (those its winmode ignores made canonical)."""
+    method = config.get("method") if isinstance(config.get("method"), dict) else {}
+    backbones = method.get("backbones") if isinstance(method.get("backbones"), dict) else {}
+    names = {role: b.get("config", b.get("name")) if isinstance(b, dict) else b for role, b in backbones.items()}
+    facts = {"method": method.get("method", "fdsl"),
+             "backbone": next(iter(names.values())) if len(names) == 1 else
+             ", ".join(f"{role}={name}" for role, name in names.items())}
+    test = effective_test_settings(config["test"]) if isinstance(config.get("test"), dict) else {}
+    settings = {k: v for k, v in method.items() if k not in ("method", "backbones") and not isinstance(v, (dict, list))}
+    settings.update({k: test[k] for k in SETTING_KEYS if k in test})
+    return facts, settings
+
+
+def comparison_rows(runs: list[Run], results_dir, out) -> list[dict]:
+    """The rows of comparison.html (as comparison.md's): mean and its text per metric, the method and
+    backbone, and links from `out` to each seed's report.html where one exists."""
+    groups: dict[tuple, list[Run]] = {}
+    for r in runs:
+        groups.setdefault((r.shots, r.dataset, r.model), []).append(r)
+    rows = []
+    for (shots, ds, mdl), rs in sorted(groups.items()):
+        rs = sorted(rs, key=lambda r: r.seed)
+        cells = {}
+        for key, _ in TABLE_METRICS:
+            values = [r.mean.get(key) for r in rs]
+            cells[key] = (mean_std_str(values), mean_std(values)[0])
+        reports = []
+        for r in rs:
+            page = run_dir(results_dir, r.model, r.dataset, r.shots, r.seed) / RUN_PAGE
+            if page.is_file():
+                reports.append((f"seed{r.seed}", os.path.relpath(page.resolve(), Path(out).resolve())))
+        facts, settings = _run_facts(_run_config(Path(results_dir), rs[0]))
+        rows.append({"shots": shots, "dataset": ds, "model": mdl, "seeds": len(rs), "facts": facts,
+                     "settings": settings, "cells": cells, "reports": reports})
+    # the settings column names what tells the rows apart: the keys whose values differ between them
+    differ = [k for k in dict.fromkeys(k for r in rows for k in r["settings"])
+              if len({json.dumps(r["settings"].get(k)) for r in rows}) > 1]
+    for r in rows:
+        settings = r.pop("settings")
+        if differ:
+            r["facts"]["settings"] = " ".join(f"{k}={settings[k]}" for k in differ if settings.get(k) is not None)
+    return rows
+
+
 def aggregate(results_dir, model: str | None = None, out=None, echo: bool = True,
               skipped: list | None = None) -> list[Path]:
-    """Write <out>/<model>/paper.{md,csv} and <out>/<model>/<dataset>_<k>shot.{md,csv}, and with
-    several models <out>/comparison.{md,csv} (all of them side by side).
+    """Write <out>/<model>/paper.{md,csv} and <out>/<model>/<dataset>_<k>shot.{md,csv}, and without
+    `model` <out>/comparison.{md,csv,html} (every model side by side; the page links each run's
+    report.html).
 
     out defaults to results_dir/summary.  Returns the written paths; runs whose metrics.json cannot
     be read are left out with a warning and listed in `skipped` (see scan_runs).
@@ -353,9 +445,12 @@ def aggregate(results_dir, model: str | None = None, out=None, echo: bool = True
     out = Path(out) if out is not None else results_dir / "summary"
     runs = scan_runs(results_dir, model, skipped)
     written = []
-    if len({r.model for r in runs}) > 1:
+    if runs and model is None:
         md, text = comparison_table(runs)
-        written += [atomic_write_text(out / "comparison.md", md), atomic_write_text(out / "comparison.csv", text)]
+        written += [atomic_write_text(out / "comparison.md", md), atomic_write_text(out / "comparison.csv", text),
+                    atomic_write_text(out / "comparison.html",
+                                      comparison_page(comparison_rows(runs, results_dir, out), TABLE_METRICS,
+                                                      _SUMMARY_NOTE))]
         if echo:
             print(md)
     for mdl in sorted({r.model for r in runs}):

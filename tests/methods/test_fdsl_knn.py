@@ -90,7 +90,7 @@ def test_checkpoint_guard_compares_weights_by_content_and_warns_on_image_size(tm
         load_method(path, pretrained=str(other))
     with pytest.raises(ValueError, match="differ in content"):  # random weights are other weights too
         load_method(path, pretrained="none")
-    with caplog.at_level(logging.WARNING, logger="fdsl.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="fsad.checkpoint"):
         load_method(path, image_size=112)
     assert "trained at 224 px" in caplog.text and "112 px" in caplog.text
     # checkpoints written before the identity was recorded are not checked

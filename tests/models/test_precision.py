@@ -12,7 +12,7 @@ import torch
 from data.dataset import AnomalyDataset, load_image, load_meta, select_k_shot
 from methods import create_method, resolve_method_config
 from methods.base import InferenceOptions
-from models.backbones import base as backbone_base
+from utils import precision as backbone_base
 from models.backbones import create_backbone, resolve_precision
 from utils.config import MethodConfig, TestConfig, validate_test
 from utils.metrics import auroc
