@@ -29,7 +29,7 @@ export RESULTS_ROOT="${RESULTS_ROOT:-$here/results}"
 # model_name device useNAM winmode win-size win-stride win-weight seed kshots (tiny grid: 16x16)
 args=("demo_$METHOD" cpu 1 "$winmode" 8 2 0.5 0 1)
 bash "$here/trainAndTest.sh" "${args[@]}"
-"$py" -m utils.report aggregate "$RESULTS_ROOT" --out "$RESULTS_ROOT/summary"
+PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" "$py" -m utils.report aggregate "$RESULTS_ROOT" --out "$RESULTS_ROOT/summary"
 
 # Predictions on photos the model never saw: synth_visa's candles, scored by the heads trained on
 # synth_mvtec against one reference, with the threshold of that checkpoint's own synth_visa test.

@@ -108,7 +108,7 @@ def test_aggregate_paper_table(results, capsys):
     written = aggregate(results)
     out = results / "summary"
     assert sorted(p.relative_to(out).as_posix() for p in written) == [
-        "comparison.csv", "comparison.md", "m1/mvtec_1shot.csv", "m1/mvtec_1shot.md", "m1/mvtec_2shot.csv", "m1/mvtec_2shot.md",
+        "comparison.csv", "comparison.html", "comparison.md", "m1/mvtec_1shot.csv", "m1/mvtec_1shot.md", "m1/mvtec_2shot.csv", "m1/mvtec_2shot.md",
         "m1/paper.csv", "m1/paper.md", "m2/paper.csv", "m2/paper.md",
         "m2/visa_1shot.csv", "m2/visa_1shot.md"]
     md = (out / "m1" / "paper.md").read_text()
@@ -212,3 +212,37 @@ def test_run_dir_refuses_a_negative_seed(tmp_path):
     assert run_dir(tmp_path, "m", "d", 2, 0) == tmp_path / "m" / "d" / "2shot" / "seed0"
     with pytest.raises(ValueError, match="seed must be an integer >= 0"):
         run_dir(tmp_path, "m", "d", 1, -1)
+
+
+def _config(method, winmode, **test):
+    return {"method": {"method": method, "backbones": {"backbone": {"config": "tiny_clip"}}, "use_nam": True},
+            "test": {"winmode": winmode, "win_size": 8, "win_stride": 2, "win_weight": 0.5, "image_index": "windows",
+                     "eval_size": 240, "precision": "fp32", **test}}
+
+
+def test_comparison_with_one_model_and_its_page_rows(tmp_path):
+    """Without --model the comparison is written also for one model (the demo's case); its page rows
+    name the method, the backbone and the settings that tell rows apart, and link each seed's
+    report.html where one exists."""
+    from utils.report import RUN_PAGE, comparison_rows, scan_runs, write_run_page
+
+    root = tmp_path / "results"
+    for seed in (0, 1):
+        write_run(run_dir(root, "a", "visa", 1, seed), _config("fdsl", "mul"), {"candle": cat(i_auroc=0.8 + seed / 10)})
+    written = aggregate(root, echo=False)
+    assert {p.name for p in written} >= {"comparison.md", "comparison.csv", "comparison.html"}
+    assert "| a " in (root / "summary" / "comparison.md").read_text()
+
+    write_run(run_dir(root, "b", "visa", 1, 0), _config("knn", "nan"), {"candle": cat(i_auroc=0.7)})
+    page = write_run_page(run_dir(root, "a", "visa", 1, 1))
+    assert page.name == RUN_PAGE and "85.0" not in page.read_text() and "90.0" in page.read_text()
+    out = root / "summary"
+    rows = comparison_rows(scan_runs(root), root, out)
+    assert [(r["model"], r["seeds"]) for r in rows] == [("a", 2), ("b", 1)]
+    assert rows[0]["cells"]["i_auroc"][0] == "85.0±7.1" and rows[0]["cells"]["i_auroc"][1] == pytest.approx(85.0)
+    assert rows[0]["reports"] == [("seed1", "../a/visa/1shot/seed1/report.html")]  # seed0 has no page
+    assert rows[1]["reports"] == []
+    # nan ignores the window settings: only what differs and applies is named
+    assert rows[0]["facts"] == {"method": "fdsl", "backbone": "tiny_clip",
+                                "settings": "winmode=mul win_size=8 win_stride=2 win_weight=0.5 image_index=windows"}
+    assert rows[1]["facts"] == {"method": "knn", "backbone": "tiny_clip", "settings": "winmode=nan image_index=off"}
