@@ -30,7 +30,8 @@ table.kv th{width:12em;font-weight:500}
 img.thumb{width:128px;height:auto;display:block;border:1px solid #ccc}
 .yes{color:#b00020;font-weight:700}.no{color:#2e7d32}
 figure{display:inline-block;margin:0 .8em .8em 0;vertical-align:top}
-figure img{max-width:100%;border:1px solid #ccc}figcaption{font-size:12px;color:#555;max-width:40em;word-break:break-all}
+figure img{max-width:100%;border:1px solid #ccc}
+figcaption{font-size:12px;color:#555;max-width:40em;word-break:break-all}
 .curves img{width:360px;height:auto;margin-right:.5em}
 pre{background:#fff;border:1px solid #ddd;padding:.6em;overflow:auto;max-height:40em}
 .note{color:#555}.warn{color:#b00020}
@@ -152,7 +153,8 @@ def predictions_page(summary: dict, originals: list[str | None] | None = None) -
             figures.append(f"<figure>{_img(original, f'original {name}', lazy=True)}"
                            f"<figcaption>original: {text(name)}</figcaption></figure>")
         elif original:
-            figures.append(f'<p>original (a format browsers do not show): <a href="{href(original)}">{text(name)}</a></p>')
+            figures.append(f'<p>original (a format browsers do not show): '
+                           f'<a href="{href(original)}">{text(name)}</a></p>')
         views.append(f'<section class="view" id="{view}"><p><a href="#r{rank}">&larr; back to the list</a> &middot; '
                      f"#{rank} {text(name)} &middot; score {number(r.get('score'), 6)}</p>{''.join(figures)}</section>")
 
@@ -229,7 +231,8 @@ def run_page(title: str, config: dict, metrics: dict, columns, curves: dict | No
         if curves.get(c):
             parts.append('<div class="curves">' + "".join(_img(p, f"{c} {kind} curve") for kind, p in curves[c].items())
                          + "</div>")
-        for label, what in (("normal", "normal images scored highest"), ("anomalous", "anomalous images scored lowest")):
+        for label, what in (("normal", "normal images scored highest"),
+                            ("anomalous", "anomalous images scored lowest")):
             figs = [p for p in panels.get(c, []) if p.get("label") == label]
             if figs:
                 parts.append(f"<h3>{text(what)}</h3>" + "".join(_panel_figure(p) for p in figs))
@@ -276,12 +279,14 @@ def comparison_page(rows: list[dict], columns, note: str = "") -> str:
         for key, _ in columns:
             shown, v = r["cells"].get(key, ("n/a", math.nan))
             is_best = groups[g] > 1 and isinstance(v, (int, float)) and math.isfinite(v) and v == best.get(g + (key,))
-            cells.append(f'<td class="num best">{text(shown)}</td>' if is_best else f'<td class="num">{text(shown)}</td>')
+            cells.append(f'<td class="num{" best" if is_best else ""}">{text(shown)}</td>')
         links = " ".join(f'<a href="{href(link)}">{text(label)}</a>' for label, link in r.get("reports", [])) or "none"
-        out.append(f'<tr class="model"><td>{text(r["shots"])}</td><td>{text(r["dataset"])}</td><td>{text(r["model"])}</td>'
+        out.append(f'<tr class="model"><td>{text(r["shots"])}</td><td>{text(r["dataset"])}</td>'
+                   f'<td>{text(r["model"])}</td>'
                    + "".join(f"<td>{value_html(r.get('facts', {}).get(f))}</td>" for f in fact_names)
                    + f'<td class="num">{text(r["seeds"])}</td>' + "".join(cells) + f"<td>{links}</td></tr>")
     body = (f"<h1>All models side by side</h1>\n<p class=\"note\">{text(note)} Green: the best mean of a column "
-            f"among the rows of the same shots and dataset, where there are several.</p>\n<table class=\"comparison\"><thead><tr>{head}</tr>"
-            f"</thead><tbody>\n" + "\n".join(out) + "\n</tbody></table>\n")
+            f"among the rows of the same shots and dataset, where there are several.</p>\n"
+            f'<table class="comparison"><thead><tr>{head}</tr></thead><tbody>\n'
+            + "\n".join(out) + "\n</tbody></table>\n")
     return page("Comparison of all models", body)
