@@ -51,9 +51,10 @@ _CHECK = """
 
 
 def find_browser() -> str | None:
+    """$FSAD_BROWSER when it names an executable, else the first of CANDIDATES on PATH, else None."""
     given = os.environ.get("FSAD_BROWSER", "").strip()
-    if given:
-        return shutil.which(given) or (given if Path(given).is_file() else None)
+    if given and (found := shutil.which(given)):
+        return found
     return next((found for name in CANDIDATES if (found := shutil.which(name))), None)
 
 
