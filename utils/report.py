@@ -153,12 +153,14 @@ def run_title(run_dir) -> str:
 
 def write_run_page(run_dir) -> Path:
     """report.html of a finished run, from what its folder holds: config.json, metrics.json, and the
-    curves and panels of test.py --save-images where they exist."""
+    curves and panels of test.py --save-images where they exist and this run drew them (pictures an
+    earlier run left behind are not shown after a --force run without --save-images)."""
     d = Path(run_dir)
     config = read_json(d / "config.json", "results config")
     metrics = read_json(d / "metrics.json", "metrics file")
     curves, panels = {}, {}
-    for cls in metrics.get("per_category", {}):
+    test = config.get("test") if isinstance(config.get("test"), dict) else {}
+    for cls in metrics.get("per_category", {}) if test.get("save_images") else ():
         found = {k: f"curves/{cls}_{k}.png" for k in CURVE_KINDS if (d / "curves" / f"{cls}_{k}.png").is_file()}
         if found:
             curves[cls] = found

@@ -246,3 +246,26 @@ def test_comparison_with_one_model_and_its_page_rows(tmp_path):
     assert rows[0]["facts"] == {"method": "fdsl", "backbone": "tiny_clip",
                                 "settings": "winmode=mul win_size=8 win_stride=2 win_weight=0.5 image_index=windows"}
     assert rows[1]["facts"] == {"method": "knn", "backbone": "tiny_clip", "settings": "winmode=nan image_index=off"}
+
+
+def test_run_page_shows_only_the_pictures_this_run_drew(tmp_path):
+    """Curves and panels on disk appear in report.html when the run's config says it drew them
+    (--save-images), not when they are left over from an earlier run of the folder."""
+    from PIL import Image
+
+    from utils.report import PANELS_INDEX, write_run_page
+
+    d = run_dir(tmp_path, "m", "visa", 1, 0)
+    (d / "curves").mkdir(parents=True)
+    (d / "images" / "candle").mkdir(parents=True)
+    for kind in ("roc", "pr", "pro"):
+        Image.new("RGB", (4, 4)).save(d / "curves" / f"candle_{kind}.png")
+    Image.new("RGB", (4, 4)).save(d / "images" / "candle" / "good_000.png")
+    (d / "images" / "candle" / PANELS_INDEX).write_text(json.dumps([
+        {"panel": "images/candle/good_000.png", "image": "candle/test/good/000.png", "label": "normal", "score": 0.9},
+        {"panel": "images/candle/gone.png", "image": "x.png", "label": "anomalous", "score": 0.1}]))  # file missing
+    write_run(d, {"test": {"save_images": 0}}, {"candle": cat()})
+    assert "<img" not in write_run_page(d).read_text()
+    write_run(d, {"test": {"save_images": 1}}, {"candle": cat()})
+    html = write_run_page(d).read_text()
+    assert html.count("<img") == 4 and "candle_pro.png" in html and "good_000.png" in html and "gone.png" not in html
