@@ -49,13 +49,12 @@ def _write_failed(path: Path, e: BaseException) -> OutputError:
     """A failed write as one line naming the file and the cause (a full disk, a quota, an I/O error)."""
     if isinstance(e, OSError):
         cause = e.strerror or str(e) or type(e).__name__
-    else:  # torch's zip writer reports a full disk as a RuntimeError without errno
+    else:  # torch's zip writer reports a full disk as a RuntimeError without errno: say how much space is left
         cause = " ".join(str(e).split()[-6:]) or type(e).__name__
-    try:
-        free = shutil.disk_usage(path.parent).free
-        cause += f"; {free / 2**20:.0f} MiB free on its disk" if free < 2**30 else ""
-    except OSError:
-        pass
+        try:
+            cause += f" ({shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free on its disk)"
+        except OSError:
+            pass
     return OutputError(f"cannot write {path}: {cause}; the previous version of the file, if any, is unchanged")
 
 
