@@ -165,23 +165,27 @@ def phone_photos(datasets, tmp_path_factory):
     viewer shows them (Pillow's exif_transpose), as plain PNGs. Non-square, so sizes must be turned too."""
     src, base = datasets[1], tmp_path_factory.mktemp("phone")
     upright_root, phone_root = base / "upright", base / "phone"
-    files = sorted(p for p in (src / "candle").rglob("*.png"))
-    for i, path in enumerate(files):
+    images = sorted(p for p in (src / "candle").rglob("*.png") if "ground_truth" not in p.parts)
+    for i, path in enumerate(images):
+        o = i % 8 + 1  # a mask is stored turned like its photo, as a phone app would save both
         rel = path.relative_to(src)
-        o = i % 8 + 1
-        is_mask = rel.parts[1] == "ground_truth"
-        with Image.open(path) as im:
-            pic = im.resize((96, 64), Image.NEAREST if is_mask else Image.BICUBIC)
+        mask = src / "candle" / "ground_truth" / rel.parts[-2] / f"{path.stem}_mask.png"
         for root in (upright_root, phone_root):
             (root / rel.parent).mkdir(parents=True, exist_ok=True)
-        if is_mask:  # lossless: the upright copy is the picture itself
-            pic.save(upright_root / rel)
-            stored(pic, o).save(phone_root / rel, exif=exif(o))
-        else:
-            phone = (phone_root / rel).with_suffix(".jpg")
-            stored(pic.convert("RGB"), o).save(phone, quality=90, exif=exif(o))
-            with Image.open(phone) as im:
-                ImageOps.exif_transpose(im).save(upright_root / rel)
+        with Image.open(path) as im:
+            pic = im.convert("RGB").resize((96, 64), Image.BICUBIC)
+        phone = (phone_root / rel).with_suffix(".jpg")
+        stored(pic, o).save(phone, quality=90, exif=exif(o))
+        with Image.open(phone) as im:
+            ImageOps.exif_transpose(im).save(upright_root / rel)
+        if mask.is_file():  # lossless: the upright copy is the mask itself
+            mrel = mask.relative_to(src)
+            with Image.open(mask) as im:
+                m = im.resize((96, 64), Image.NEAREST)
+            for root in (upright_root, phone_root):
+                (root / mrel.parent).mkdir(parents=True, exist_ok=True)
+            m.save(upright_root / mrel)
+            stored(m, o).save(phone_root / mrel, exif=exif(o))
     for root in (upright_root, phone_root):
         write_meta(root, mvtec_indexer.build_meta(root))
     return upright_root, phone_root
