@@ -377,6 +377,14 @@ def check_environment(mode: str, plan: MethodPlan) -> None:
         raise ValueError(f"environment variable {_env_key('PRECISION')}: expected one of {', '.join(PRECISIONS)}, "
                          f"got '{value}'")
     distributed.dist_timeout()
+    mvtec, visa = datasets()
+    if mvtec.name == visa.name:  # both directions would write into one results and one checkpoint folder
+        raise ValueError(f"environment variables MVTEC_NAME and VISA_NAME are both '{mvtec.name}'; the two "
+                         f"datasets need different names")
+    if os.path.realpath(mvtec.root) == os.path.realpath(visa.root):
+        raise ValueError(f"environment variables MVTEC_ROOT and VISA_ROOT are the same folder {mvtec.root}: the "
+                         f"protocol trains on one dataset and tests on the other, so the heads would be tested on "
+                         f"their own training images; evaluate one dataset with test.py")
     n = distributed.nproc_from_env()
     batch = _env_int("BATCH_SIZE", 8)
     if n > 1 and mode == "train_and_test" and plan.cls.trainable and batch % n:

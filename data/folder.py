@@ -63,28 +63,30 @@ def list_image_files(folder: Path) -> list[Path]:
     entries = sorted((p for p in folder.iterdir() if not p.name.startswith(".")), key=lambda p: p.name)
     found = [p for p in entries if is_image_file(p)]
     others = [p.name for p in entries if p.is_file() and not is_image_file(p)]
-    subfolders = [f"{p.name}/" for p in entries if p.is_dir() and any(True for _ in walk_images(p)[0])]
+    subfolders = [f"{p.name}/" for p in entries if p.is_dir() and any(map(is_image_file, _files_under(p)))]
     _warn_skipped(folder, others, subfolders)
     return found
 
 
-def walk_images(folder: Path) -> tuple[list[Path], list[str]]:
-    """(images anywhere under folder sorted by their path below it, the other files' relative paths).
-    Hidden files and folders (.ipynb_checkpoints/, .DS_Store) are skipped; a linked folder is followed
-    once (a link back up does not loop)."""
-    images, others, seen = [], [], set()
+def _files_under(folder: Path):
+    """Every non-hidden file under folder, hidden folders (.ipynb_checkpoints/) skipped; a linked folder is
+    followed once (a link back up does not loop)."""
+    seen = set()
     for top, dirs, names in os.walk(folder, followlinks=True):
         real = os.path.realpath(top)
         if real in seen:
             dirs[:] = []
             continue
         seen.add(real)
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        for name in names:
-            p = Path(top) / name
-            if name.startswith("."):
-                continue
-            (images if is_image_file(p) else others).append(p)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        yield from (Path(top) / n for n in sorted(names) if not n.startswith("."))
+
+
+def walk_images(folder: Path) -> tuple[list[Path], list[str]]:
+    """(images anywhere under folder sorted by their path below it, the other files' relative paths)."""
+    images, others = [], []
+    for p in _files_under(folder):
+        (images if is_image_file(p) else others).append(p)
     key = lambda p: p.relative_to(folder).as_posix()  # noqa: E731
     return sorted(images, key=key), sorted(key(p) for p in others)
 

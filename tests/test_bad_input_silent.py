@@ -408,6 +408,19 @@ def test_folder_same_stem_in_two_subfolders_needs_the_mirror(nested, capsys):
     assert len(err) == 1 and "scratch/b0.png" in err[0] and "no mask" in err[0], err
 
 
+def test_a_folder_input_names_what_it_does_not_read(tmp_path, capsys):
+    """predict.py: a folder means the photos directly in it; its photo subfolders and unreadable photos are named."""
+    save(tmp_path / "a.png", rgb(0))
+    save(tmp_path / "day2" / "b.png", rgb(1))
+    save(tmp_path / ".ipynb_checkpoints" / "a-checkpoint.png", rgb(0))
+    (tmp_path / "c.HEIC").write_bytes(b"a phone photo this Pillow cannot open")
+    (tmp_path / "notes.txt").write_text("not a photo")
+    assert folder_indexer.list_image_files(tmp_path) == [tmp_path / "a.png"]
+    err = capsys.readouterr().err
+    assert "subfolder(s) not searched: day2/" in err and "c.HEIC" in err
+    assert "ipynb" not in err and "notes.txt" not in err
+
+
 # --------------------------------------------------------------------------- #
 # 5. predict.py: a reference among the queries, an output folder the inputs read back
 # --------------------------------------------------------------------------- #

@@ -340,6 +340,20 @@ def test_launcher_settings(tmp_path, monkeypatch, capsys, env, args, expected):
     assert not (tmp_path / "results").exists()
 
 
+@pytest.mark.parametrize("same", ["MVTEC_ROOT", "MVTEC_NAME"])
+def test_launcher_refuses_one_dataset_for_both_directions(tmp_path, monkeypatch, capsys, same):
+    """Training uses a dataset's test split: testing on the same folder would score the training images."""
+    monkeypatch.setenv("RESULTS_ROOT", str(tmp_path / "results"))
+    monkeypatch.setenv("VISA_ROOT", str(tmp_path))
+    monkeypatch.setenv("MVTEC_ROOT", str(tmp_path) if same == "MVTEC_ROOT" else str(tmp_path / "other"))
+    monkeypatch.setenv("VISA_NAME", "x")
+    monkeypatch.setenv("MVTEC_NAME", "x" if same == "MVTEC_NAME" else "y")
+    line = error_line(launch.main(LAUNCH), capsys.readouterr().err, "launch.py")
+    other = "VISA_NAME" if same == "MVTEC_NAME" else "VISA_ROOT"
+    assert f"environment variables {same} and {other} are " in line
+    assert not (tmp_path / "results").exists()
+
+
 @pytest.mark.parametrize("env, expected", [
     ({"FSAD_DIST_TIMEOUT": "abc"}, "environment variable FSAD_DIST_TIMEOUT: expected a number of seconds > 0, "
                                    "got 'abc'"),
