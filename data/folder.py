@@ -186,8 +186,9 @@ def build_meta(root: str | Path, name: str | None = None, train_good: int | None
     masks, missing = find_masks(bad, root / "masks", root / "bad")
     if missing and not allow_missing_masks:
         names = [p.relative_to(root / "bad").as_posix() for p in missing]
-        raise DatasetError(f"{len(missing)} photo(s) in bad/ have no mask in {root / 'masks'}: {shown(names)}; add "
-                           f"masks (same stem) or pass --allow-missing-masks (pixel metrics then leave those photos out)")
+        raise DatasetError(f"{len(missing)} photo(s) in bad/ have no mask in {root / 'masks'}: {shown(names)}; "
+                           f"add masks (same stem) or pass --allow-missing-masks (pixel metrics then leave those "
+                           f"photos out)")
 
     def item(img: Path, mask: Path | None, specie: str, anomaly: int) -> dict:
         return make_item(rel_posix(img, root), rel_posix(mask, root) if mask else "", cls, specie, anomaly)

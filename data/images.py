@@ -106,9 +106,9 @@ def _png_exif_after_data(path: Path) -> bool:
 
 @functools.cache
 def pillow_orients(fmt: str) -> bool:
-    """True when this Pillow applies the EXIF orientation itself when it decodes `fmt` (TIFF since
-    Pillow 11-12: its size is then upright at open, its pixels once loaded). Probed once per format on
-    a small in-memory file, so any Pillow version is read right."""
+    """True when this Pillow applies the EXIF orientation itself when it decodes `fmt` (TIFF in recent
+    versions: its size is then upright at open, its pixels once loaded). Probed once per format on a
+    small in-memory file, so older and newer Pillows are both read right."""
     if fmt not in ("JPEG", "MPO", "PNG", "TIFF", "WEBP"):
         return False
     exif = Image.Exif()
@@ -124,7 +124,10 @@ def pillow_orients(fmt: str) -> bool:
         return False
 
 
-def orientation(im: Image.Image, path: Path) -> tuple[Image.Transpose | None, Image.Transpose | None, tuple[int, int]]:
+Turn = Image.Transpose | None
+
+
+def orientation(im: Image.Image, path: Path) -> tuple[Turn, Turn, tuple[int, int]]:
     """(the transpose the file's EXIF Orientation asks for, the part of it still to apply to the pixels
     Pillow decodes, the size of the pixels as stored). Pillow applies it itself for some formats."""
     turn = None

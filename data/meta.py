@@ -35,6 +35,7 @@ def image_extensions() -> frozenset[str]:
     from PIL import Image, ImageFile
 
     Image.init()  # registers all plugins, so the list does not depend on what was imported before
+
     def stub(fmt: str) -> bool:
         factory = Image.OPEN[fmt][0]
         return fmt == "MPEG" or (isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile))
@@ -196,8 +197,9 @@ def duplicate_problem(meta: dict) -> str | None:
                 path = item["img_path"]
                 key = PurePosixPath(path).as_posix()  # 'a/./b.png' and 'a/b.png' are one file
                 if key in seen and seen[key] == split:
-                    return (f"{split}/{cls}: {path!r} is listed twice; list each image once "
-                            f"({'it would be scored twice' if split == 'test' else 'it could be drawn as two references of one shot'})")
+                    harm = "it would be scored twice" if split == "test" else \
+                        "it could be drawn as two references of one shot"
+                    return f"{split}/{cls}: {path!r} is listed twice; list each image once ({harm})"
                 if key in seen:
                     return (f"{cls}: {path!r} is in both the train and the test split; a reference drawn from train "
                             f"would be scored against itself: keep it in one split")

@@ -24,6 +24,9 @@ def deferred_interrupt():
         return
     pending = []
     previous = signal.getsignal(signal.SIGINT)
+    if previous is None:  # a handler installed outside Python: it cannot be put back, so leave it alone
+        yield
+        return
 
     def later(signum, frame):
         if pending:  # asked twice: the user means it
