@@ -160,16 +160,17 @@ def test_unknown_or_broken_orientation_is_read_as_stored(tmp_path):
 
 @pytest.fixture(scope="module")
 def phone_photos(datasets, tmp_path_factory):
-    """The target dataset's candle category as phone photos: JPEGs stored sideways (orientations 1-8 in
-    turn) with the EXIF tag, masks as PNGs with the tag too; and the upright copies: the same pixels as a
-    viewer shows them (Pillow's exif_transpose), as plain PNGs. Non-square, so sizes must be turned too."""
+    """The target dataset's wood_board category (its grain has a direction) as phone photos: JPEGs stored
+    sideways (orientations 1-8 in turn) with the EXIF tag, masks as PNGs with the tag too; and the upright
+    copies: the same pixels as a viewer shows them (Pillow's exif_transpose), as plain PNGs. Non-square,
+    so sizes must be turned too."""
     src, base = datasets[1], tmp_path_factory.mktemp("phone")
     upright_root, phone_root = base / "upright", base / "phone"
-    images = sorted(p for p in (src / "candle").rglob("*.png") if "ground_truth" not in p.parts)
+    images = sorted(p for p in (src / "wood_board").rglob("*.png") if "ground_truth" not in p.parts)
     for i, path in enumerate(images):
         o = i % 8 + 1  # a mask is stored turned like its photo, as a phone app would save both
         rel = path.relative_to(src)
-        mask = src / "candle" / "ground_truth" / rel.parts[-2] / f"{path.stem}_mask.png"
+        mask = src / "wood_board" / "ground_truth" / rel.parts[-2] / f"{path.stem}_mask.png"
         for root in (upright_root, phone_root):
             (root / rel.parent).mkdir(parents=True, exist_ok=True)
         with Image.open(path) as im:
@@ -205,9 +206,10 @@ def test_phone_photos_score_as_their_upright_copies(phone_photos, tmp_path, eval
     assert len(turned) >= 12  # stored turned or mirrored: reading them as stored scores other pictures
     a = knn_run(upright, tmp_path / "a", eval_size=eval_size)
     b = knn_run(phone, tmp_path / "b", eval_size=eval_size)
-    for key, value in a["per_category"]["candle"].items():
-        np.testing.assert_allclose(b["per_category"]["candle"][key], value, rtol=1e-6, atol=1e-7, err_msg=key)
-    assert a["per_category"]["candle"]["i_auroc"] > 0.5
+    for key, value in a["per_category"]["wood_board"].items():
+        np.testing.assert_allclose(b["per_category"]["wood_board"][key], value, rtol=1e-6, atol=1e-7, err_msg=key)
+    assert a["per_category"]["wood_board"]["i_auroc"] > 0.5
+    # read as stored (the bug), the grain of the turned photos runs the other way: p-AUPRO 0.875 -> 0.724
 
 
 # --------------------------------------------------------------------------- #
