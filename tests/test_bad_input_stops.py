@@ -166,7 +166,16 @@ def test_predict_checks_its_output_folder_before_any_model(datasets, tmp_path, m
 # --------------------------------------------------------------------------- #
 # 3. Ctrl-C and SIGTERM: one line, exit 130 / 143, no temporary file, no lock
 # --------------------------------------------------------------------------- #
-def test_deferred_interrupt_finishes_the_write_and_a_second_one_stops_at_once():
+@pytest.fixture
+def ctrl_c_raises():
+    """SIGINT as in a terminal (Python's default handler), also when the tests run as a background job,
+    where the shell has SIGINT ignored."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
+def test_deferred_interrupt_finishes_the_write_and_a_second_one_stops_at_once(ctrl_c_raises):
     before = signal.getsignal(signal.SIGINT)
     done = []
     with pytest.raises(KeyboardInterrupt):
@@ -183,6 +192,7 @@ def test_deferred_interrupt_finishes_the_write_and_a_second_one_stops_at_once():
 
 
 def test_sigterm_is_one_line_and_cleans_up_like_ctrl_c(capsys):
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as a process starts
     cleaned = []
 
     def work():
@@ -192,9 +202,11 @@ def test_sigterm_is_one_line_and_cleans_up_like_ctrl_c(capsys):
         finally:
             cleaned.append("finally ran")
 
-    previous = signal.getsignal(signal.SIGTERM)
-    assert run_cli("x.py", work) == 143 and cleaned == ["finally ran"]
-    assert signal.getsignal(signal.SIGTERM) is previous
+    try:
+        assert run_cli("x.py", work) == 143 and cleaned == ["finally ran"]
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     assert capsys.readouterr().err.strip() == "x.py: terminated (SIGTERM); no half-written or temporary file was " \
                                               "left behind"
 
@@ -223,6 +235,7 @@ def test_keyboard_interrupt_while_writing_results_leaves_nothing(datasets, tmp_p
 
 SIGINT_DURING_TABLE = """
 import os, runpy, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even if started from a background job
 sys.path.insert(0, os.getcwd())
 import utils.io
 real = utils.io._atomic

@@ -69,10 +69,12 @@ def run_cli(prog: str, work: Callable[[], object]) -> int:
     code 130. Other exceptions propagate."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("fdsl").setLevel(logging.INFO)
-    try:
-        previous = signal.signal(signal.SIGTERM, _terminated)
+    previous = None
+    try:  # a SIGTERM that is ignored or handled already keeps its handler
+        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            previous = signal.signal(signal.SIGTERM, _terminated)
     except ValueError:  # not the main thread (tests calling main() from a worker thread)
-        previous = None
+        pass
     try:
         work()
     except USER_ERRORS as e:

@@ -16,36 +16,31 @@ from typing import Any, Callable
 
 @contextlib.contextmanager
 def deferred_interrupt():
-    """Ctrl-C (SIGINT) during the block is raised when the block ends, so a write that has started
-    finishes and cleans up first; a second Ctrl-C meanwhile interrupts at once. Only the main thread
-    receives signals, so elsewhere this does nothing."""
-    if threading.current_thread() is not threading.main_thread():
+    """Ctrl-C (SIGINT) during the block takes effect when the block ends, so a write that has started
+    finishes and cleans up first; a second Ctrl-C meanwhile takes effect at once. Only the main thread
+    receives signals, so elsewhere this does nothing; so does a SIGINT that is ignored (a background job)
+    or handled outside Python."""
+    previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    if not callable(previous):  # None, SIG_IGN, SIG_DFL: nothing Python-level to postpone
         yield
         return
     pending = []
-    previous = signal.getsignal(signal.SIGINT)
-    if previous is None:  # a handler installed outside Python: it cannot be put back, so leave it alone
-        yield
-        return
 
     def later(signum, frame):
         if pending:  # asked twice: the user means it
             signal.signal(signal.SIGINT, previous)
-            raise KeyboardInterrupt
+            previous(signum, frame)
+            return
         pending.append(signum)
 
-    try:
-        signal.signal(signal.SIGINT, later)
-    except (ValueError, TypeError):  # no Python-level handler can be set here (embedded interpreters)
-        yield
-        return
+    signal.signal(signal.SIGINT, later)
     try:
         yield
     finally:
         if signal.getsignal(signal.SIGINT) is later:
             signal.signal(signal.SIGINT, previous)
     if pending:
-        raise KeyboardInterrupt
+        previous(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt here
 
 
 def _write_failed(path: Path, e: BaseException) -> OutputError:
