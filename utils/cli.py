@@ -65,8 +65,8 @@ INTERRUPTED = 130  # exit status of a run stopped by Ctrl-C, as a shell reports 
 
 def run_cli(prog: str, work: Callable[[], object]) -> int:
     """Run `work`; a user error (USER_ERRORS, also when raised in a DataLoader worker) is printed as
-    `prog: error: ...` with exit code 2 instead of a traceback, Ctrl-C (or SIGTERM) as one line with exit
-    code 130. Other exceptions propagate."""
+    `prog: error: ...` with exit code 2 instead of a traceback, Ctrl-C as one line with exit code 130
+    (SIGTERM: 143). Other exceptions propagate."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("fdsl").setLevel(logging.INFO)
     previous = None

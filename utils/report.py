@@ -378,7 +378,8 @@ def check_same_categories(runs: list[Run], results_dir) -> None:
                     f"extra {', '.join(sorted(cats - common))}" if cats - common else ""]
             others.append(f"{seeds(cats)} ({'; '.join(d for d in diff if d)})")
         raise MixedCategoriesError(
-            f"{Path(results_dir) / mdl / ds / f'{shots}shot'}: {seeds(common)} cover {len(common)} categories, but "
+            f"{Path(results_dir) / mdl / ds / f'{shots}shot'}: {seeds(common)} "
+            f"cover{'' if len(by_set[common]) > 1 else 's'} {len(common)} categories, but "
             f"{', '.join(others)}; mean±std over seeds needs the same categories in every seed: rerun those seeds "
             f"on the same categories, or move them out of {results_dir}")
 
