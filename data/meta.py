@@ -67,13 +67,17 @@ def shown(names: list[str], n: int = 3) -> str:
 
 def list_images(folder: Path) -> list[Path]:
     """Image files directly inside `folder`, sorted by name (hidden files skipped). Photos in a format this
-    Pillow cannot open (.heic, camera raw) are named in a warning, so none is left out unseen."""
-    files = sorted((p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")),
-                   key=lambda p: p.name)
+    Pillow cannot open (.heic, camera raw) and subfolders holding images (the layout has none) are named in
+    a warning, so none is left out unseen."""
+    entries = sorted((p for p in folder.iterdir() if not p.name.startswith(".")), key=lambda p: p.name)
+    files = [p for p in entries if p.is_file()]
     unread = unread_photos(p.name for p in files)
     if unread:
         print(f"warning: {folder}: {len(unread)} photo(s) skipped, a format Pillow does not open here: "
               f"{shown(unread)}", file=sys.stderr)
+    nested = [f"{p.name}/" for p in entries if p.is_dir() and any(is_image(q) for q in p.rglob("*"))]
+    if nested:
+        print(f"warning: {folder}: subfolder(s) with images not indexed: {shown(nested)}", file=sys.stderr)
     return [p for p in files if is_image(p)]
 
 

@@ -356,6 +356,7 @@ def test_mvtec_indexes_tif_tiff_and_webp(tmp_path, capsys):
     save(c / "train/good/001.TIFF", rgb(1))
     save(c / "train/good/002.webp", rgb(2), lossless=True)
     (c / "train/good/003.heic").write_bytes(b"not decodable here")  # a phone format Pillow lacks: named
+    save(c / "test/crack/more/001.png", rgb(5))  # not the MVTec layout: named, not indexed
     save(c / "test/good/000.tiff", rgb(3))
     save(c / "test/crack/000.tif", rgb(4))
     save(c / "ground_truth/crack/000_mask.tif", defect())
@@ -366,6 +367,7 @@ def test_mvtec_indexes_tif_tiff_and_webp(tmp_path, capsys):
         ("widget/test/crack/000.tif", "widget/ground_truth/crack/000_mask.tif"), ("widget/test/good/000.tiff", "")]
     err = capsys.readouterr().err
     assert "003.heic" in err and "1 photo(s) skipped" in err
+    assert "subfolder(s) with images not indexed: more/" in err
 
 
 @pytest.fixture
