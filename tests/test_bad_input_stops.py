@@ -59,18 +59,17 @@ def knn_argv(target: Path, results: Path, *extra: str) -> list[str]:
 # 1. a full disk while saving: one line; the earlier checkpoint intact; resume works
 # --------------------------------------------------------------------------- #
 def test_disk_full_while_saving_a_checkpoint(datasets, tmp_path, monkeypatch, capsys, caplog):
-    reference = tmp_path / "reference"
-    assert train.main(train_argv(datasets[0], reference)) == 0
     out = tmp_path / "ckpt"
     real_save = torch.save
+    lost = {}
 
     def full_disk(obj, f, *args, **kwargs):
         real_save(obj, f, *args, **kwargs)  # half-way: the temporary file exists, then the disk is full
         if Path(f).name.startswith(".epoch_2.pth."):
+            lost.update(obj)  # the heads epoch 2 would have stored: what the resumed run must reach again
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(torch, "save", full_disk)
-    capsys.readouterr()
     line = error_line(train.main(train_argv(datasets[0], out)), capsys.readouterr().err, "train.py")
     assert line == (f"train.py: error: cannot write {out / 'epoch_2.pth'}: No space left on device; the previous "
                     f"version of the file, if any, is unchanged")
@@ -82,8 +81,9 @@ def test_disk_full_while_saving_a_checkpoint(datasets, tmp_path, monkeypatch, ca
     with caplog.at_level("INFO", logger="fdsl.train"):
         assert train.main(train_argv(datasets[0], out)) == 0
     assert "resuming after epoch 1" in caplog.text
-    resumed, uninterrupted = read_checkpoint(out / "epoch_2.pth"), read_checkpoint(reference / "epoch_2.pth")
-    for k, v in uninterrupted["state"].items():
+    resumed = read_checkpoint(out / "epoch_2.pth")
+    assert resumed["epoch"] == lost["epoch"] == 2
+    for k, v in lost["state"].items():
         torch.testing.assert_close(resumed["state"][k], v, msg=k)
 
 
@@ -367,14 +367,23 @@ def test_launcher_refuses_one_dataset_for_both_directions(tmp_path, monkeypatch,
     assert not (tmp_path / "results").exists()
 
 
-@pytest.mark.parametrize("env, expected", [
-    ({"FSAD_DIST_TIMEOUT": "abc"}, "environment variable FSAD_DIST_TIMEOUT: expected a number of seconds > 0, "
-                                   "got 'abc'"),
-    ({"FSAD_BATCH_SIZE": "3"}, "environment variable FSAD_BATCH_SIZE=3 is the global batch and must split evenly "
-                               "over NPROC=2 processes; use a multiple of 2"),
-])
-def test_settings_are_checked_before_nproc_starts_processes(tmp_path, env, expected):
+def test_settings_are_checked_before_nproc_starts_processes(tmp_path):
+    """End to end: with NPROC=2 a bad variable used to reach every process and end in torchrun's traceback."""
+    env = {**os.environ, "NPROC": "2", "RESULTS_ROOT": str(tmp_path / "r"), "FSAD_DIST_TIMEOUT": "abc"}
     res = subprocess.run([sys.executable, "launch.py", *LAUNCH], cwd=REPO, capture_output=True, text=True,
-                         timeout=300, env={**os.environ, "NPROC": "2", "RESULTS_ROOT": str(tmp_path / "r"), **env})
-    assert error_line(res.returncode, res.stderr, "launch.py") == f"launch.py: error: {expected}"
+                         timeout=300, env=env)
+    assert error_line(res.returncode, res.stderr, "launch.py") == \
+        "launch.py: error: environment variable FSAD_DIST_TIMEOUT: expected a number of seconds > 0, got 'abc'"
     assert "torch.distributed" not in res.stderr and not (tmp_path / "r").exists()
+
+
+def test_a_global_batch_that_does_not_split_over_nproc_is_refused_first(monkeypatch):
+    monkeypatch.setenv("NPROC", "2")
+    monkeypatch.setenv("FSAD_BATCH_SIZE", "3")
+    plan = launch.method_plan(launch.parse_positional(LAUNCH[1:]))
+    with pytest.raises(ValueError, match=r"FSAD_BATCH_SIZE=3 is the global batch and must split evenly over "
+                                         r"NPROC=2 processes; use a multiple of 2"):
+        launch.check_environment("train_and_test", plan)
+    launch.check_environment("test", plan)  # testing splits categories, not batches
+    monkeypatch.setenv("FSAD_BATCH_SIZE", "4")
+    launch.check_environment("train_and_test", plan)
