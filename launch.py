@@ -67,6 +67,11 @@ def parse_positional(args: list[str]) -> Launch:
                     _num("win-weight", weight, float), _num("seed", seed, int), _num("kshots", k, int))
     if launch.k_shot < 1:
         raise ValueError(f"argument kshots: expected >= 1, got {launch.k_shot}")
+    for what, value in (("win-size", launch.win_size), ("win-stride", launch.win_stride)):
+        if value < 1:
+            raise ValueError(f"argument {what}: expected an integer >= 1, got {value}")
+    if not 0.0 <= launch.win_weight <= 1.0:  # also refuses nan
+        raise ValueError(f"argument win-weight: expected a number in [0, 1], got '{weight}'")
     if launch.seed < 0:
         raise ValueError(f"argument seed: expected >= 0, got {launch.seed}")
     return launch
@@ -94,15 +99,29 @@ def _keys(name: str) -> list[str]:
     return [name] if name in UNPREFIXED else [p + name for p in PREFIXES]
 
 
+# Integer settings and their smallest value (SAVE_IMAGES: -1 = all images; EVAL_SIZE: 0 = the masks' size).
+ENV_INTS = {"IMAGE_SIZE": 1, "EPOCHS_MVTEC": 1, "EPOCHS_VISA": 1, "TRAIN_K_SHOT": 1, "BATCH_SIZE": 1, "WORKERS": 0,
+            "MAX_STEPS": 1, "SAVE_IMAGES": -1, "EVAL_SIZE": 0}
+
+
+def _env_key(name: str) -> str:
+    """The variable that set `name` (FSAD_X, or its alias FDSL_X), for messages."""
+    return next((k for k in _keys(name) if os.environ.get(k, "").strip()), _keys(name)[0])
+
+
 def _env_int(name: str, default: str | int | None = None) -> int | None:
     value = _env(name, None if default is None else str(default))
     if value is None:
         return None
+    minimum = ENV_INTS.get(name)
     try:
-        return int(value)
+        number = int(value)
     except ValueError:
-        key = next((k for k in _keys(name) if os.environ.get(k, "").strip()), _keys(name)[0])
-        raise ValueError(f"environment variable {key}: expected an integer, got '{value}'") from None
+        number = None
+    if number is None or (minimum is not None and number < minimum):
+        bound = f" >= {minimum}" if minimum is not None else ""
+        raise ValueError(f"environment variable {_env_key(name)}: expected an integer{bound}, got '{value}'") from None
+    return number
 
 
 REPO = Path(__file__).resolve().parent
@@ -174,10 +193,13 @@ def train_seed_setting() -> str:
     value = _env("TRAIN_SEED", str(AUTHORS_TRAIN_SEED)).lower()
     if value != "same":
         try:
-            value = str(int(value))
+            number = int(value)
         except ValueError:
-            key = next((k for k in _keys("TRAIN_SEED") if os.environ.get(k, "").strip()), "FSAD_TRAIN_SEED")
-            raise ValueError(f"environment variable {key}: expected an integer or 'same', got '{value}'") from None
+            number = -1
+        if number < 0:
+            raise ValueError(f"environment variable {_env_key('TRAIN_SEED')}: expected an integer >= 0 or 'same', "
+                             f"got '{value}'") from None
+        value = str(number)
     return value
 
 
@@ -340,16 +362,50 @@ def check_folders(mode: str, launch: Launch, plan: MethodPlan, plans, train_scri
         test_script.check_results_folder(test_config(launch, plan, train_set, test_set), training)
 
 
+def check_environment(mode: str, plan: MethodPlan) -> None:
+    """Every setting from the environment, read once before any work and before NPROC starts processes
+    (where a bad value would stop every process, each with a torchrun traceback): the message names the
+    variable."""
+    for name in ENV_INTS:
+        _env_int(name)
+    train_seed_setting()
+    index = _env("IMAGE_INDEX", "windows")
+    if index not in _INDEX_TAG:
+        raise ValueError(f"environment variable {_env_key('IMAGE_INDEX')}: expected one of "
+                         f"{', '.join(_INDEX_TAG)}, got '{index}'")
+    from models.backbones import PRECISIONS
+
+    value = _env("PRECISION", "auto")
+    if value.lower() not in PRECISIONS:
+        raise ValueError(f"environment variable {_env_key('PRECISION')}: expected one of {', '.join(PRECISIONS)}, "
+                         f"got '{value}'")
+    distributed.dist_timeout()
+    mvtec, visa = datasets()
+    if mvtec.name == visa.name:  # both directions would write into one results and one checkpoint folder
+        raise ValueError(f"environment variables MVTEC_NAME and VISA_NAME are both '{mvtec.name}'; the two "
+                         f"datasets need different names")
+    if os.path.realpath(mvtec.root) == os.path.realpath(visa.root):
+        raise ValueError(f"environment variables MVTEC_ROOT and VISA_ROOT are the same folder {mvtec.root}: the "
+                         f"protocol trains on one dataset and tests on the other, so the heads would be tested on "
+                         f"their own training images; evaluate one dataset with test.py")
+    n = distributed.nproc_from_env()
+    batch = _env_int("BATCH_SIZE", 8)
+    if n > 1 and mode == "train_and_test" and plan.cls.trainable and batch % n:
+        raise ValueError(f"environment variable {_env_key('BATCH_SIZE')}={batch} is the global batch and must split "
+                         f"evenly over NPROC={n} processes; use a multiple of {n}")
+
+
 def run(mode: str, args: list[str]) -> None:
     from utils.config import resolve_device, validate_test
 
     train_script, test_script = _script("train"), _script("test")
 
     launch = parse_positional(args)
+    plan = method_plan(launch)
+    check_environment(mode, plan)
     # NPROC=N: this whole launch again under torchrun, N processes (DDP training, sharded tests)
     distributed.relaunch_under_torchrun(__file__, [mode, *args], launch.device)
     resolve_device(launch.device)  # fail before any work on a machine without the GPU
-    plan = method_plan(launch)
     mvtec, visa = datasets()
     plans = [(mvtec, visa), (visa, mvtec)]  # (train on, test on)
     for train_set, test_set in plans:

@@ -37,12 +37,17 @@ from tqdm import tqdm
 
 from data.folder import is_image_file, list_image_files
 from data.images import read_image
+from data.photos import check_output_folder, distinct_references, split_off_references
 from methods import list_methods, load_method_config
 from methods.base import InferenceOptions, Method
 from methods.checkpoint import build_method, read_checkpoint
 from utils.cli import run_cli
+<<<<<<< HEAD
 from utils.config import IMAGE_INDEX, PRECISIONS, WINMODES, resolve_device
 from utils.html import predictions_page
+=======
+from utils.config import IMAGE_INDEX, PRECISIONS, WINMODES, check_image_size, resolve_device
+>>>>>>> i21-badinput
 from utils.io import atomic_write_json, atomic_write_text, read_json
 from utils.visualize import DEFAULT_ALPHA, DEFAULT_COLORMAP, ColourScale, binary_mask, overlay, save_png
 
@@ -287,12 +292,14 @@ def predict(args) -> Path:
     options = inference_options(args)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_image_size(args.image_size)
     if args.threshold is not None and args.threshold_from:
         raise ValueError("--threshold and --threshold-from exclude each other: give a value or a results folder")
     if args.category and not args.threshold_from:
         raise ValueError("--category picks the category of --threshold-from; it has no use without it")
-    refs = collect_images(args.refs, "reference")
-    queries = collect_images(args.images, "query")
+    check_output_folder(args.out, args.refs, args.images)  # writable, and no input reads it back
+    refs = distinct_references(collect_images(args.refs, "reference"))
+    queries, skipped = split_off_references(collect_images(args.images, "query"), refs)  # a reference: not scored
     cls = method_class(args)
     if args.threshold is not None:
         t = parse_number(args.threshold, "--threshold")
@@ -322,7 +329,7 @@ def predict(args) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     _clear_previous(out)
     names = output_names(queries)
-    rows, skipped = [], []
+    rows = []
     bar = tqdm(total=len(queries), desc="predict", unit="image")
     for start in range(0, len(queries), args.batch_size):
         loaded = []
@@ -371,7 +378,8 @@ def predict(args) -> Path:
                       "category": threshold.category, "anomalous_rule": threshold.rule,
                       "warnings": threshold.warnings},
         "colour_scale": {**scale.as_dict(), "alpha": args.alpha},
-        "counts": {"queries": len(queries), "scored": len(rows), "skipped": len(skipped), "anomalous": n_anomalous},
+        "counts": {"queries": len(rows) + len(skipped), "scored": len(rows), "skipped": len(skipped),
+                   "anomalous": n_anomalous},
         "skipped": skipped,
         "predictions": rows,
     }
@@ -421,7 +429,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--images", nargs="+", required=True, metavar="DIR_GLOB_OR_FILE",
                    help="photos to score: folders, globs (quote them: 'dir/*.png', ** recurses) or files")
     p.add_argument("--out", required=True,
-                   help="output folder (created; pictures of an earlier run there are replaced)")
+                   help="output folder (created; pictures of an earlier run there are replaced); not an input folder, "
+                        "nor one an input glob reaches")
     p.add_argument("--threshold", default=None, metavar="T",
                    help="map threshold: masks are map >= T, a photo is anomalous when its map maximum is >= T")
     p.add_argument("--threshold-from", default=None, metavar="RESULTS_RUN_DIR",

@@ -19,11 +19,11 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data.dataset import AnomalyDataset, categories, load_image, load_meta, select_k_shot
+from data.dataset import AnomalyDataset, categories, check_test_split, load_image, load_meta, select_k_shot
+from data.images import header_size
 from methods import list_methods, resolve_method_config
 from methods.base import InferenceOptions, Method
 from methods.checkpoint import build_method, read_checkpoint
@@ -44,10 +44,7 @@ def _mask_size(root: Path, items: list[dict], eval_size: int) -> tuple[int, int]
     """Evaluation resolution of a category: eval_size, or the images' own size when 0."""
     if eval_size:
         return eval_size, eval_size
-    sizes = set()
-    for it in items:
-        with Image.open(root / it["img_path"]) as im:
-            sizes.add((im.size[1], im.size[0]))
+    sizes = {header_size(root / it["img_path"])[::-1] for it in items}  # upright (H, W): EXIF orientation applied
     if len(sizes) != 1:
         raise ValueError(f"--eval-size 0 needs one image size per category; category "
                          f"'{items[0]['cls_name']}' has {sorted(sizes)[:4]}; pass --eval-size N instead")
@@ -257,6 +254,7 @@ def _evaluate_locked(cfg: TestConfig, run_dir: Path, device: torch.device) -> Pa
     root = Path(cfg.data_root)
     meta = load_meta(root)
     classes = categories(meta, cfg.classes, "test")
+    check_test_split(meta, classes, root)
     for cls in classes:  # fail before any work when k is too large anywhere
         select_k_shot(meta, cls, cfg.k_shot, cfg.seed)
     shard = distributed.shard(classes, [len(meta["test"][c]) for c in classes], log)  # this rank's categories

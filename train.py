@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from data.dataset import AnomalyDataset, categories, load_image, load_meta, make_augmentation, select_k_shot
+from data.dataset import (AnomalyDataset, categories, check_test_split, load_image, load_meta, make_augmentation,
+                          select_k_shot)
 from data.meta import missing_mask_items
 from methods import METHODS, create_method, list_methods, resolve_method_config
 from methods.base import Method
@@ -29,8 +30,8 @@ from methods.checkpoint import DamagedCheckpointError, check_backbones, checkpoi
 from models.backbones import PRECISIONS
 from utils import distributed
 from utils.cli import error_report, run_cli
-from utils.config import (MethodConfig, TrainConfig, check_seed, differing_keys, precision_difference, resolve_device,
-                          to_dict)
+from utils.config import (MethodConfig, TrainConfig, differing_keys, precision_difference, resolve_device, to_dict,
+                          validate_train)
 from utils.device import to_device
 from utils.io import atomic_torch_save, atomic_write_json, check_writable
 from utils.lock import RunLock
@@ -52,8 +53,11 @@ def note(out_dir: Path, line: str) -> None:
     """A line in the checkpoint folder's train_log.txt, next to the per-epoch lines (rank 0 writes it)."""
     if not distributed.is_main():
         return
-    with open(out_dir / "train_log.txt", "a", encoding="utf-8") as f:
-        f.write(line.rstrip("\n") + "\n")
+    try:
+        with open(out_dir / "train_log.txt", "a", encoding="utf-8") as f:
+            f.write(line.rstrip("\n") + "\n")
+    except OSError as e:  # a full disk must not hide the error that is being logged
+        log.warning("cannot write %s: %s", out_dir / "train_log.txt", e.strerror or e)
 
 
 def last_good_checkpoint(out_dir: Path) -> tuple[int, Path | None, dict | None]:
@@ -143,9 +147,7 @@ def check_output(cfg: TrainConfig) -> None:
 
 
 def train(cfg: TrainConfig) -> Path:
-    if cfg.epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {cfg.epochs}")
-    check_seed(cfg.seed)
+    validate_train(cfg)  # every numeric setting, before any model or folder
     device = resolve_device(cfg.device)
     cfg, method_cfg = resolve_training(cfg)
     check_output(cfg)
@@ -168,6 +170,7 @@ def _train_locked(cfg: TrainConfig, method_cfg: dict, device) -> Path:
     root = Path(cfg.data_root)
     meta = load_meta(root)
     classes = categories(meta, cfg.classes, "test")
+    check_test_split(meta, classes, root)  # the heads learn from the test split: an empty one teaches nothing
     check_training_masks(meta, classes, cfg.dataset, root)
     try:
         return _fit(cfg, method_cfg, device, out_dir, root, meta, classes, done, last, ckpt)

@@ -41,6 +41,9 @@ def categories(meta: dict, wanted: Sequence[str] | None = None, split: str = "te
     known = sorted(meta[split])
     if not wanted:
         return known
+    twice = sorted({c for c in wanted if list(wanted).count(c) > 1})
+    if twice:  # a category named twice would be evaluated (or trained on) twice
+        raise ValueError(f"--classes names {', '.join(repr(c) for c in twice)} more than once; name each category once")
     unknown = [c for c in wanted if c not in known]
     if unknown:
         raise ValueError(f"unknown categor{'y' if len(unknown) == 1 else 'ies'} {unknown}; "
@@ -54,20 +57,35 @@ def _category_seed(seed: int, cls_name: str) -> int:
 
 
 def select_k_shot(meta: dict, cls_name: str, k: int, seed: int) -> list[dict]:
-    """k normal references of a category, drawn without replacement from its train split.
+    """k normal references of a category, drawn without replacement from the distinct images of its train
+    split.
 
     The draw depends only on (seed, category, k, the sorted train list), so every run with the
     same seed and k uses the same references.
     """
     if k < 1:
         raise ValueError(f"k-shot must be >= 1, got {k}")
-    items = sorted((it for it in meta["train"].get(cls_name, []) if not it.get("anomaly", 0)),
-                   key=lambda it: it["img_path"])
+    # one entry per image: a path listed twice must not be drawn as two references of one shot
+    distinct = {it["img_path"]: it for it in meta["train"].get(cls_name, []) if not it.get("anomaly", 0)}
+    items = sorted(distinct.values(), key=lambda it: it["img_path"])
     if k > len(items):
         raise ValueError(f"k-shot {k} is larger than the {len(items)} normal train images of category "
                          f"'{cls_name}'; use k <= {len(items)}")
     rng = np.random.default_rng(_category_seed(seed, cls_name))
     return [items[i] for i in sorted(rng.choice(len(items), size=k, replace=False))]
+
+
+def check_test_split(meta: dict, classes: Sequence[str], root: str | Path) -> None:
+    """Refuse, before any work, a run with no category or a category whose test split is empty (it has no
+    image to score: no metric exists for it)."""
+    where = Path(root) / "meta.json"
+    if not classes:
+        raise ValueError(f"{where} has no category in its test split; index the dataset again")
+    empty = [c for c in classes if not meta["test"].get(c)]
+    if empty:
+        raise ValueError(f"categor{'y' if len(empty) == 1 else 'ies'} {', '.join(repr(c) for c in empty)} "
+                         f"{'has' if len(empty) == 1 else 'have'} no test image in {where}; add test images and index "
+                         f"again, or leave {'it' if len(empty) == 1 else 'them'} out with --classes")
 
 
 def _image(path: Path, size: int | None) -> tuple[torch.Tensor, tuple[int, int]]:

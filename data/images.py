@@ -21,9 +21,16 @@ as the 8-bit resize does, only without rounding. So an 8-bit file and its 16-bit
 Masks: any non-zero pixel is a defect (colour channels; alpha ignored), whatever the bit depth,
 so 0/1, 0/255 and 16-bit masks all work. Masks are binarised at full resolution first, then
 resized nearest-neighbour.
+
+Orientation: an EXIF Orientation tag (JPEG, PNG eXIf or its ImageMagick text form, TIFF, WebP, MPO)
+is applied on every read of an image or a mask, before any resize, so what is scored is what a viewer
+shows (a phone photo taken upright is stored sideways with Orientation 6). Sizes (W, H) are those of
+the upright picture everywhere, header_size included. Values outside 1..8 are ignored, as viewers do.
 """
 from __future__ import annotations
 
+import functools
+import io
 import os
 import struct
 import sys
@@ -31,7 +38,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from data.meta import DatasetError
 
@@ -53,9 +60,103 @@ def _open(path: Path, what: str) -> Image.Image:
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
-        return Image.open(path)
+        im = Image.open(path)
+        if im.format == "TIFF" and getattr(im, "tag_v2", {}).get(ExifTags.Base.Orientation) in (5, 6, 7, 8):
+            # Pillow (13) turns such a TIFF itself on load, but scrambles the pixels of one it memory-maps
+            # (uncompressed L, RGBA, I;16 opened by path); decoding from memory avoids the map
+            im.close()
+            im = Image.open(io.BytesIO(path.read_bytes()))
+        return im
     except DECODE_ERRORS as e:
         raise DatasetError(f"cannot read {what} {path}: {_one_line(e)}") from e
+
+
+# EXIF Orientation -> the transpose that shows the stored pixels upright (the EXIF 2.3 table, as Pillow's
+# ImageOps.exif_transpose and browsers apply it); 1 and unknown values: as stored
+UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+           5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+           8: Image.Transpose.ROTATE_90}
+_SWAPS_AXES = {Image.Transpose.TRANSPOSE, Image.Transpose.TRANSVERSE, Image.Transpose.ROTATE_90,
+               Image.Transpose.ROTATE_270}
+_PNG_EXIF_TEXT = b"Raw profile type exif"  # ImageMagick's form of EXIF in a PNG text chunk
+
+
+def _png_exif_after_data(path: Path) -> bool:
+    """True when a PNG holds EXIF after its image data (an eXIf or ImageMagick text chunk), which Pillow
+    only sees once the pixels are decoded. Walks the chunk headers; reads no pixel data."""
+    with open(path, "rb") as f:
+        f.seek(8)
+        after_data = False
+        while True:
+            head = f.read(8)
+            if len(head) < 8:
+                return False
+            length, kind = struct.unpack(">I4s", head)
+            if kind == b"IEND":
+                return False
+            data_start = f.tell()
+            after_data = after_data or kind == b"IDAT"
+            if after_data and kind == b"eXIf":
+                return True
+            if after_data and kind in (b"tEXt", b"zTXt", b"iTXt") \
+                    and f.read(len(_PNG_EXIF_TEXT) + 1) == _PNG_EXIF_TEXT + b"\0":
+                return True
+            f.seek(data_start + length + 4)  # past the data and its CRC
+
+
+@functools.cache
+def pillow_orients(fmt: str) -> bool:
+    """True when this Pillow applies the EXIF orientation itself when it decodes `fmt` (TIFF in recent
+    versions: its size is then upright at open, its pixels once loaded). Probed once per format on a
+    small in-memory file, so older and newer Pillows are both read right."""
+    if fmt not in ("JPEG", "MPO", "PNG", "TIFF", "WEBP"):
+        return False
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 3  # rotated 180 degrees: the right half should come out on the left
+    buf = io.BytesIO()
+    stored = np.zeros((8, 16), np.uint8)
+    stored[:, 8:] = 255
+    try:
+        Image.fromarray(stored).save(buf, "JPEG" if fmt == "MPO" else fmt, exif=exif)
+        with Image.open(buf) as im:
+            return bool(np.asarray(im.convert("L"))[4, 2] > 127)
+    except (OSError, KeyError, ValueError):  # a format this Pillow cannot write: it cannot orient it either
+        return False
+
+
+Turn = Image.Transpose | None
+
+
+def orientation(im: Image.Image, path: Path) -> tuple[Turn, Turn, tuple[int, int]]:
+    """(the transpose the file's EXIF Orientation asks for, the part of it still to apply to the pixels
+    Pillow decodes, the size of the pixels as stored). Pillow applies it itself for some formats."""
+    turn = None
+    if not (im.format == "PNG" and "exif" not in im.info and "Raw profile type exif" not in im.info
+            and not _png_exif_after_data(path)):  # a PNG without EXIF: spare the decode getexif() would do
+        try:
+            value = im.getexif().get(ExifTags.Base.Orientation)
+        except DECODE_ERRORS:  # unreadable EXIF: shown as stored, by viewers too
+            value = None
+        turn = UPRIGHT.get(value) if type(value) is int else None
+    if turn is not None and im.format and pillow_orients(im.format):
+        return turn, None, upright_size(im.size, turn)  # im.size is upright already: swap back
+    return turn, turn, im.size
+
+
+def upright_size(wh: tuple[int, int], method: Image.Transpose | None) -> tuple[int, int]:
+    return (wh[1], wh[0]) if method in _SWAPS_AXES else wh
+
+
+def transpose_array(arr: np.ndarray, method: Image.Transpose | None) -> np.ndarray:
+    """Pillow's Image.transpose on an (H, W, ...) array (16-bit and float data Pillow cannot transpose)."""
+    T = Image.Transpose
+    if method is None:
+        return arr
+    out = {T.FLIP_LEFT_RIGHT: lambda a: a[:, ::-1], T.FLIP_TOP_BOTTOM: lambda a: a[::-1],
+           T.ROTATE_180: lambda a: a[::-1, ::-1], T.ROTATE_90: lambda a: np.rot90(a, 1),
+           T.ROTATE_270: lambda a: np.rot90(a, -1), T.TRANSPOSE: lambda a: a.swapaxes(0, 1),
+           T.TRANSVERSE: lambda a: a[::-1, ::-1].swapaxes(0, 1)}[method](arr)
+    return np.ascontiguousarray(out)
 
 
 def _int_depth(im: Image.Image) -> int | None:
@@ -121,22 +222,27 @@ def _read_colour16(path: Path, wh: tuple[int, int]) -> np.ndarray:
 
 
 def read_image(path: str | os.PathLike, size: int | None) -> tuple[np.ndarray, tuple[int, int]]:
-    """(H, W, 3) float32 RGB in [0, 1] resized to size x size (None: as stored), and the file's (W, H)."""
+    """(H, W, 3) float32 RGB in [0, 1], upright (EXIF orientation applied), resized to size x size (None:
+    as stored), and the upright picture's (W, H)."""
     path = Path(path)
     im = _open(path, "image")
     try:
         with im:
             check_image_mode(im, path)
-            wh = im.size
-            if _colour16(im):
-                rgb16 = _read_colour16(path, wh)
+            colour16 = _colour16(im)  # before the orientation: reading late PNG EXIF loads the pixels
+            turn, left, stored_wh = orientation(im, path)
+            wh = upright_size(stored_wh, turn)
+            if colour16:  # OpenCV's IMREAD_UNCHANGED ignores the orientation: all of it is applied here
+                rgb16 = transpose_array(_read_colour16(path, stored_wh), turn)
                 return np.stack([_resize_float(rgb16[..., c], size) for c in range(3)], -1), wh
             if im.mode in EIGHT_BIT_MODES:
                 rgb = _to_rgb8(im)
+                if left is not None:
+                    rgb = rgb.transpose(left)
                 if size:
                     rgb = rgb.resize((size, size), Image.BICUBIC)
                 return np.asarray(rgb, dtype=np.float32) / 255.0, wh
-            raw = np.asarray(im)
+            raw = transpose_array(np.asarray(im), left)
             depth = 16 if im.mode in SIXTEEN_BIT_MODES else _int_depth(im)
             top = 2 ** depth - 1
             if im.mode == "I" and (raw.min() < 0 or raw.max() > top):
@@ -164,13 +270,15 @@ def _mask_nonzero(im: Image.Image, path: Path) -> np.ndarray:
 
 
 def read_mask(path: str | os.PathLike, size: int | None) -> tuple[np.ndarray, tuple[int, int]]:
-    """(H, W) bool defect mask (non-zero = defect) resized nearest to size x size, and the file's (W, H)."""
+    """(H, W) bool defect mask (non-zero = defect), upright (EXIF orientation applied, as for images),
+    resized nearest to size x size, and the upright mask's (W, H)."""
     path = Path(path)
     im = _open(path, "mask")
     try:
         with im:
-            wh = im.size
-            defect = _mask_nonzero(im, path)
+            turn, left, stored_wh = orientation(im, path)
+            wh = upright_size(stored_wh, turn)
+            defect = transpose_array(_mask_nonzero(im, path), left)
     except DECODE_ERRORS as e:
         if isinstance(e, DatasetError):
             raise
@@ -183,13 +291,15 @@ def read_mask(path: str | os.PathLike, size: int | None) -> tuple[np.ndarray, tu
 
 
 def header_size(path: str | os.PathLike, what: str = "image") -> tuple[int, int]:
-    """(W, H) from the file header, without decoding pixels; images also get their mode checked."""
+    """The upright (W, H) (EXIF orientation applied) from the file header, without decoding pixels; images
+    also get their mode checked."""
     path = Path(path)
     im = _open(path, what)
     with im:
         if what == "image":
             check_image_mode(im, path)
-        return im.size
+        turn, _, stored_wh = orientation(im, path)
+        return upright_size(stored_wh, turn)
 
 
 def size_mismatch(mask_path, mask_wh, img_path, img_wh) -> str:

@@ -10,7 +10,9 @@ count in the image metrics; test.py computes the pixel metrics over the masked i
 """
 from __future__ import annotations
 
+import functools
 import os
+import sys
 from pathlib import Path, PurePosixPath
 
 from utils.io import atomic_write_json
@@ -18,7 +20,6 @@ from utils.io import atomic_write_json
 META_NAME = "meta.json"
 SPLITS = ("train", "test")
 ITEM_KEYS = ("img_path", "mask_path", "cls_name", "specie_name", "anomaly")
-IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".bmp"})
 MISSING_MASKS_KEY = "missing_masks"
 
 
@@ -26,14 +27,58 @@ class DatasetError(ValueError):
     """A dataset on disk does not match the layout a script expects; the message is one line."""
 
 
+@functools.cache
+def image_extensions() -> frozenset[str]:
+    """Every file extension Pillow can open (.png, .jpg, .tif, .webp, ...): not the save-only ones such as
+    .pdf, nor the stub formats (.h5, .grib, .wmf) that need a handler this install does not have, nor
+    MPEG (Pillow reads its header only)."""
+    from PIL import Image, ImageFile
+
+    Image.init()  # registers all plugins, so the list does not depend on what was imported before
+
+    def stub(fmt: str) -> bool:
+        factory = Image.OPEN[fmt][0]
+        return fmt == "MPEG" or (isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile))
+
+    return frozenset(ext.lower() for ext, fmt in Image.registered_extensions().items()
+                     if fmt in Image.OPEN and not stub(fmt))
+
+
 def is_image(path: str | os.PathLike) -> bool:
     p = Path(path)
-    return p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")
+    return p.suffix.lower() in image_extensions() and not p.name.startswith(".")
+
+
+# Photo formats that a folder of images may hold but this Pillow may not read (phones: HEIC; cameras: raw
+# files): skipped by the listings, named in a warning. Other files (notes.txt) are skipped silently.
+PHOTO_EXTS = frozenset({".heic", ".heif", ".avif", ".jxl", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2",
+                        ".raf", ".raw", ".exr", ".hdr", ".svg"})
+
+
+def unread_photos(paths) -> list[str]:
+    """The names among `paths` that look like photos in a format this Pillow does not open."""
+    return [Path(p).as_posix() for p in paths
+            if Path(p).suffix.lower() in PHOTO_EXTS and Path(p).suffix.lower() not in image_extensions()]
+
+
+def shown(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Image files directly inside `folder`, sorted by name (hidden files skipped)."""
-    return sorted((p for p in folder.iterdir() if p.is_file() and is_image(p)), key=lambda p: p.name)
+    """Image files directly inside `folder`, sorted by name (hidden files skipped). Photos in a format this
+    Pillow cannot open (.heic, camera raw) and subfolders holding images (the layout has none) are named in
+    a warning, so none is left out unseen."""
+    entries = sorted((p for p in folder.iterdir() if not p.name.startswith(".")), key=lambda p: p.name)
+    files = [p for p in entries if p.is_file()]
+    unread = unread_photos(p.name for p in files)
+    if unread:
+        print(f"warning: {folder}: {len(unread)} photo(s) skipped, a format Pillow does not open here: "
+              f"{shown(unread)}", file=sys.stderr)
+    nested = [f"{p.name}/" for p in entries if p.is_dir() and any(is_image(q) for q in p.rglob("*"))]
+    if nested:
+        print(f"warning: {folder}: subfolder(s) with images not indexed: {shown(nested)}", file=sys.stderr)
+    return [p for p in files if is_image(p)]
 
 
 def rel_posix(path: Path, root: Path) -> str:
@@ -133,10 +178,37 @@ def validate_meta(meta: dict, root: str | os.PathLike | None = None) -> None:
                 problem = _check_item(item, split, cls, flag)
                 if problem:
                     raise DatasetError(problem)
-                if root is not None:
-                    for key in ("img_path", "mask_path"):
-                        if item[key] and not (Path(root) / item[key]).is_file():
-                            raise DatasetError(f"{split}/{cls}: file not found: {Path(root) / item[key]}")
+    problem = duplicate_problem(meta)
+    if problem:
+        raise DatasetError(problem)
+    for split in SPLITS:
+        for cls, items in meta[split].items():
+            for item in items:
+                for key in ("img_path", "mask_path") if root is not None else ():
+                    if item[key] and not (Path(root) / item[key]).is_file():
+                        raise DatasetError(f"{split}/{cls}: file not found: {Path(root) / item[key]}")
+
+
+def duplicate_problem(meta: dict) -> str | None:
+    """Why a category lists an image twice, or None. A test image listed twice would be scored twice; a
+    train image listed twice could be drawn as two of one shot's references; an image in both splits
+    could be drawn as a reference and then scored against itself. Refused rather than merged: the two
+    entries may disagree (label, mask), and only the author of the index knows which one is right."""
+    for cls in sorted(set(meta["train"]) | set(meta["test"])):
+        seen: dict[str, str] = {}
+        for split in SPLITS:
+            for item in meta[split].get(cls, []):
+                path = item["img_path"]
+                key = PurePosixPath(path).as_posix()  # 'a/./b.png' and 'a/b.png' are one file
+                if key in seen and seen[key] == split:
+                    harm = "it would be scored twice" if split == "test" else \
+                        "it could be drawn as two references of one shot"
+                    return f"{split}/{cls}: {path!r} is listed twice; list each image once ({harm})"
+                if key in seen:
+                    return (f"{cls}: {path!r} is in both the train and the test split; a reference drawn from train "
+                            f"would be scored against itself: keep it in one split")
+                seen[key] = split
+    return None
 
 
 def counts(meta: dict) -> dict:
@@ -188,6 +260,9 @@ def index_cli(build_meta, description: str, epilog: str, argv: list[str] | None 
     except (DatasetError, OSError) as e:  # OSError: unreadable folders, meta.json not writable
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # meta.json is written atomically: nothing half-written is left
+        print("\ninterrupted (Ctrl-C); no half-written file was left", file=sys.stderr)
+        return 130
     print(summary)
     print(f"wrote {path}")
     return 0

@@ -117,9 +117,15 @@ def build_meta(root: str | Path, categories: list[str] | None = None, allow_empt
     else:
         wanted = set(VISA_CATEGORIES) & set(present) or set(present)
     meta: dict = {"train": {c: [] for c in sorted(wanted)}, "test": {c: [] for c in sorted(wanted)}}
+    first_line: dict[tuple[str, str], int] = {}
     for line, row in rows:
         if row["object"] in wanted:
             split, item = _row_item(root, row, line, csv_path)
+            key = (row["object"], item["img_path"])
+            if key in first_line:  # scored twice, or a reference scored against itself (data/meta.py)
+                raise DatasetError(f"{csv_path} lines {first_line[key]} and {line}: image {item['img_path']} of "
+                                   f"{row['object']} is listed twice; list each image once, in one split")
+            first_line[key] = line
             meta[split][row["object"]].append(item)
     meta = sort_meta(meta)
     check_items(root, meta, allow_empty_masks)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import re
+import signal
 import sys
 import traceback
 from typing import Callable
@@ -46,15 +47,38 @@ def error_report(e: BaseException) -> str:
     if msg is not None:
         return f"error: {msg}"
     if isinstance(e, KeyboardInterrupt):
-        return "error: interrupted (KeyboardInterrupt)"
+        return f"error: {'terminated (SIGTERM)' if isinstance(e, Terminated) else 'interrupted (KeyboardInterrupt)'}"
     return f"error: unexpected {type(e).__name__}: {e}\n" + "".join(traceback.format_exception(e)).rstrip("\n")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler or torchrun stopping the run), raised like Ctrl-C so that the same clean-up runs:
+    temporary files removed, locks released, the run's log told."""
+
+
+def _terminated(signum, frame):
+    raise Terminated
+
+
+INTERRUPTED = 130  # exit status of a run stopped by Ctrl-C, as a shell reports it (128 + SIGINT)
 
 
 def run_cli(prog: str, work: Callable[[], object]) -> int:
     """Run `work`; a user error (USER_ERRORS, also when raised in a DataLoader worker) is printed as
-    `prog: error: ...` with exit code 2 instead of a traceback. Other exceptions propagate."""
+    `prog: error: ...` with exit code 2 instead of a traceback, Ctrl-C as one line with exit code 130
+    (SIGTERM: 143). Other exceptions propagate."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+<<<<<<< HEAD
     logging.getLogger("fsad").setLevel(logging.INFO)  # the project's loggers: fsad.train, fsad.test, ...
+=======
+    logging.getLogger("fdsl").setLevel(logging.INFO)
+    previous = None
+    try:  # a SIGTERM that is ignored or handled already keeps its handler
+        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            previous = signal.signal(signal.SIGTERM, _terminated)
+    except ValueError:  # not the main thread (tests calling main() from a worker thread)
+        pass
+>>>>>>> i21-badinput
     try:
         work()
     except USER_ERRORS as e:
@@ -63,4 +87,11 @@ def run_cli(prog: str, work: Callable[[], object]) -> int:
             raise
         print(f"{prog}: error: {msg}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted (Ctrl-C)"
+        print(f"\n{prog}: {what}; no half-written or temporary file was left behind", file=sys.stderr)
+        return 128 + signal.SIGTERM if isinstance(e, Terminated) else INTERRUPTED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0

@@ -6,6 +6,7 @@ fields instead of the original ~40 integer switches.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -80,6 +81,28 @@ class TestConfig:
     save_images: int = 0  # per category, panels of the N most wrong normal/anomalous images; -1 = all, 0 = off
 
 
+def check_int(value, option: str, minimum: int, optional: bool = False) -> None:
+    """An integer setting >= minimum (None allowed when optional), else ValueError naming the option."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{option} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_number(value, option: str, low: float, high: float = math.inf, low_open: bool = False,
+                 optional: bool = False) -> None:
+    """A finite number in [low, high] ((low, high] with low_open), else ValueError naming the option."""
+    if value is None and optional:
+        return
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) \
+        and (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]" if math.isfinite(high) else \
+            f"{'> ' if low_open else '>= '}{low:g}"
+        raise ValueError(f"{option} must be a finite number {'in ' if math.isfinite(high) else ''}{bounds}, "
+                         f"got {value!r}")
+
+
 def check_seed(seed: int) -> None:
     """One rule for every entry point: seeds are integers >= 0. A negative seed would name a folder
     'seed-1' that the aggregator does not read, so it is refused before anything is written."""
@@ -87,27 +110,50 @@ def check_seed(seed: int) -> None:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
 
 
+def validate_train(cfg: TrainConfig) -> None:
+    """Every numeric setting of a training run, checked before any model is built or folder created."""
+    check_seed(cfg.seed)
+    check_int(cfg.epochs, "--epochs", 1)
+    check_int(cfg.batch_size, "--batch-size", 1)
+    check_int(cfg.train_k_shot, "--train-k-shot", 1)
+    check_int(cfg.workers, "--workers", 0)
+    check_int(cfg.max_steps, "--max-steps", 1, optional=True)
+    check_number(cfg.lr, "--lr", 0.0, low_open=True, optional=True)
+    check_image_size(cfg.method.image_size if isinstance(cfg.method, MethodConfig) else None)
+    for name in ("mosaic_p", "crop_p", "crop_plus"):
+        check_number(getattr(cfg, name), name, 0.0, 1.0)
+    if cfg.betas is not None:
+        if len(cfg.betas) != 2:
+            raise ValueError(f"betas must be two numbers in [0, 1), got {cfg.betas!r}")
+        for b in cfg.betas:
+            check_number(b, "betas", 0.0, 1.0)
+
+
+def check_image_size(size) -> None:
+    check_int(size, "--image-size", 1, optional=True)
+
+
 def validate_test(cfg: TestConfig) -> None:
     check_seed(cfg.seed)
+    check_int(cfg.k_shot, "--k-shot", 1)
+    check_int(cfg.batch_size, "--batch-size", 1)
+    check_int(cfg.win_size, "--win-size", 1)
+    check_int(cfg.win_stride, "--win-stride", 1)
+    check_int(cfg.eval_size, "--eval-size (0 = the masks' own resolution)", 0)
+    check_int(cfg.save_images, "--save-images (-1 = all images, 0 = off)", -1)
+    check_int(cfg.workers, "--workers", 0)
+    check_number(cfg.win_weight, "--win-weight", 0.0, 1.0)
+    check_number(cfg.fpr_limit, "--fpr-limit", 0.0, 1.0, low_open=True)
+    check_image_size(cfg.image_size)
     if cfg.winmode not in WINMODES:
         raise ValueError(f"winmode must be one of {WINMODES}, got '{cfg.winmode}'")
     if cfg.image_index not in IMAGE_INDEX:
         raise ValueError(f"image_index must be one of {IMAGE_INDEX}, got '{cfg.image_index}'")
-    if not 0.0 <= cfg.win_weight <= 1.0:
-        raise ValueError(f"win-weight must be in [0, 1], got {cfg.win_weight}")
-    if cfg.k_shot < 1:
-        raise ValueError(f"kshots must be >= 1, got {cfg.k_shot}")
-    if cfg.eval_size < 0:
-        raise ValueError(f"eval-size must be >= 0 (0 = original mask resolution), got {cfg.eval_size}")
-    if cfg.save_images < -1:
-        raise ValueError(f"save-images must be >= -1 (-1 = all images, 0 = off), got {cfg.save_images}")
     if str(cfg.precision).lower() not in PRECISIONS:
         raise ValueError(f"precision (--precision, FSAD_PRECISION) must be one of {', '.join(PRECISIONS)}, "
                          f"got '{cfg.precision}'")
     if str(cfg.precision).lower() == "fp16" and str(cfg.device).strip().lower() == "cpu":
         raise ValueError("precision fp16 is for CUDA GPUs without bf16; on CPU use bf16 or fp32")
-    if cfg.workers < 0:
-        raise ValueError(f"workers must be >= 0, got {cfg.workers}")
 
 
 def resolve_device(device: str | int) -> torch.device:

@@ -54,6 +54,20 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}: expected an integer, got '{value}'") from None
 
 
+def dist_timeout() -> float:
+    """FSAD_DIST_TIMEOUT: seconds a process may wait for the others, a number > 0 (default 12 hours)."""
+    value = os.environ.get("FSAD_DIST_TIMEOUT", "").strip()
+    if not value:
+        return float(DEFAULT_TIMEOUT_S)
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"environment variable FSAD_DIST_TIMEOUT: expected a number of seconds > 0, got '{value}'")
+    return seconds
+
+
 def world_size() -> int:
     return max(_env_int("WORLD_SIZE", 1), 1)
 
@@ -171,7 +185,7 @@ def init(device: torch.device) -> bool:
     import torch._dynamo  # noqa: F401
 
     device = torch.device(device)
-    timeout = timedelta(seconds=_env_int("FSAD_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
+    timeout = timedelta(seconds=dist_timeout())
     if device.type == "cuda":
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", timeout=timeout, device_id=device)
@@ -583,6 +597,7 @@ def relaunch_under_torchrun(script: str, args: Sequence[str], device: str) -> No
     if n == 1 or launched() or "TORCHELASTIC_RUN_ID" in os.environ:
         return
     check_devices(device, n)
+    dist_timeout()  # a bad value would stop every process, each with a torchrun traceback
     # torchrun would give each process one thread; share the cores instead (CPU ranks compute)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
     sys.stdout.flush()

@@ -1,31 +1,87 @@
-"""Atomic file writes: a crash or Ctrl-C never leaves a half-written result behind."""
+"""Atomic file writes: a crash, a full disk or Ctrl-C never leaves a half-written result behind, nor a
+temporary file next to it."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
 
+@contextlib.contextmanager
+def deferred_interrupt():
+    """Ctrl-C (SIGINT) during the block takes effect when the block ends, so a write that has started
+    finishes and cleans up first; a second Ctrl-C meanwhile takes effect at once. Only the main thread
+    receives signals, so elsewhere this does nothing; so does a SIGINT that is ignored (a background job)
+    or handled outside Python."""
+    previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    if not callable(previous):  # None, SIG_IGN, SIG_DFL: nothing Python-level to postpone
+        yield
+        return
+    pending = []
+
+    def later(signum, frame):
+        if pending:  # asked twice: the user means it
+            signal.signal(signal.SIGINT, previous)
+            previous(signum, frame)
+            return
+        pending.append(signum)
+
+    signal.signal(signal.SIGINT, later)
+    try:
+        yield
+    finally:
+        if signal.getsignal(signal.SIGINT) is later:
+            signal.signal(signal.SIGINT, previous)
+    if pending:
+        previous(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt here
+
+
+def _write_failed(path: Path, e: BaseException) -> OutputError:
+    """A failed write as one line naming the file and the cause (a full disk, a quota, an I/O error)."""
+    if isinstance(e, OSError):
+        cause = e.strerror or str(e) or type(e).__name__
+    else:  # torch's zip writer reports a full disk as a RuntimeError without errno: say how much space is left
+        cause = " ".join(str(e).split()[-6:]) or type(e).__name__
+        try:
+            cause += f" ({shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free on its disk)"
+        except OSError:
+            pass
+    return OutputError(f"cannot write {path}: {cause}; the previous version of the file, if any, is unchanged")
+
+
 def _atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        # name the file the caller asked for, not the hidden temporary one
-        e.filename = str(path)
-        raise
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)  # atomic on POSIX and Windows
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with deferred_interrupt():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        except (PermissionError, FileNotFoundError, NotADirectoryError) as e:
+            # name the file the caller asked for, not the hidden temporary one
+            e.filename = str(path)
+            raise
+        except OSError as e:  # no space (inodes) or another I/O error
+            raise _write_failed(path, e) from e
+        try:
+            os.close(fd)
+            write(Path(tmp))
+            os.replace(tmp, path)  # atomic on POSIX and Windows
+        except BaseException as e:
+            Path(tmp).unlink(missing_ok=True)
+            if (isinstance(e, OSError) and not isinstance(e, OutputError)) or _torch_write_error(e):
+                raise _write_failed(path, e) from e
+            raise
     return path
+
+
+def _torch_write_error(e: BaseException) -> bool:
+    return isinstance(e, RuntimeError) and ("PytorchStreamWriter" in str(e) or "file write failed" in str(e))
 
 
 class OutputError(OSError):
@@ -85,11 +141,28 @@ def atomic_torch_save(path: str | os.PathLike, obj: Any) -> Path:
     return _atomic(path, lambda p: torch.save(obj, p))
 
 
+class DuplicateKeyError(ValueError):
+    """A JSON object names one key twice; json.loads would silently keep the last value."""
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """object_pairs_hook for json.loads: refuse a key given twice (meta.json with a category twice would
+    otherwise lose the first list without a word)."""
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise DuplicateKeyError(f"key {key!r} appears twice in one object")
+        out[key] = value
+    return out
+
+
 def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=unique_keys)
     except json.JSONDecodeError as e:
         raise ValueError(f"{what} {path} is not valid JSON ({e})") from e
+    except DuplicateKeyError as e:
+        raise ValueError(f"{what} {path}: {e}; keep one") from e

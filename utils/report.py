@@ -29,7 +29,7 @@ from tabulate import tabulate
 
 from utils.config import effective_test_settings
 from utils.html import comparison_page, run_page
-from utils.io import atomic_write_json, atomic_write_text, read_json
+from utils.io import DuplicateKeyError, atomic_write_json, atomic_write_text, read_json, unique_keys
 
 # (key in metrics.json, column header); thresholds are stored but not tabulated.
 TABLE_METRICS = (
@@ -210,13 +210,15 @@ def _metric_problem(where: str, metrics) -> str | None:
 def read_run_metrics(path) -> tuple[dict | None, str]:
     """(metrics.json content, '') when it can be summarised, else (None, the reason in one line)."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(Path(path).read_text(encoding="utf-8"), object_pairs_hook=unique_keys)
     except OSError as e:
         return None, f"cannot read it ({e.strerror or e})"
     except UnicodeDecodeError:
         return None, "not UTF-8 text"
     except json.JSONDecodeError as e:
         return None, f"not valid JSON ({e})"
+    except DuplicateKeyError as e:  # json.loads would keep the last value without a word
+        return None, str(e)
     if not isinstance(data, dict) or not isinstance(data.get("per_category"), dict):
         return None, "no 'per_category' object (not a results file)"
     for cls, m in data["per_category"].items():
@@ -240,7 +242,12 @@ def scan_runs(results_dir, model: str | None = None, skipped: list | None = None
         m_name, ds = shot_dir.parent.parent.name, shot_dir.parent.name
         if not (shot and seed) or (model is not None and m_name != model):
             continue
-        data, reason = read_run_metrics(f)
+        canonical = (f"{int(shot.group(1))}shot", f"seed{int(seed.group(1))}")
+        if (shot_dir.name, seed_dir.name) != canonical:  # seed07 next to seed7 would count one seed twice
+            reason = f"not a folder name test.py writes ({'/'.join(canonical)}); rename it or move it out"
+            data = None
+        else:
+            data, reason = read_run_metrics(f)
         if data is None:
             print(f"warning: skipping {f}: {reason}", file=sys.stderr)
             if skipped is not None:
@@ -434,6 +441,42 @@ def comparison_rows(runs: list[Run], results_dir, out) -> list[dict]:
     return rows
 
 
+class MixedCategoriesError(ValueError):
+    """Seeds of one (model, dataset, k) row cover different categories: their means are different tables."""
+
+
+def check_same_categories(runs: list[Run], results_dir) -> None:
+    """Refuse to average seeds whose category sets differ (a run with --classes next to a full one): the
+    mean over categories of one seed would be averaged with the mean over other categories of another.
+    The message names the seeds and the categories that differ."""
+    groups: dict[tuple, list[Run]] = {}
+    for r in runs:
+        groups.setdefault((r.model, r.dataset, r.shots), []).append(r)
+    for (mdl, ds, shots), rs in sorted(groups.items()):
+        by_set: dict[frozenset, list[int]] = {}
+        for r in sorted(rs, key=lambda r: r.seed):
+            by_set.setdefault(frozenset(r.per_category), []).append(r.seed)
+        if len(by_set) == 1:
+            continue
+        common = max(by_set, key=lambda c: (len(by_set[c]), len(c)))  # the set most seeds have
+
+        def seeds(cats: frozenset) -> str:
+            return f"seed{'s' if len(by_set[cats]) > 1 else ''} {', '.join(map(str, by_set[cats]))}"
+
+        others = []
+        for cats in sorted(by_set, key=lambda c: by_set[c]):
+            if cats == common:
+                continue
+            diff = [f"missing {', '.join(sorted(common - cats))}" if common - cats else "",
+                    f"extra {', '.join(sorted(cats - common))}" if cats - common else ""]
+            others.append(f"{seeds(cats)} ({'; '.join(d for d in diff if d)})")
+        raise MixedCategoriesError(
+            f"{Path(results_dir) / mdl / ds / f'{shots}shot'}: {seeds(common)} "
+            f"cover{'' if len(by_set[common]) > 1 else 's'} {len(common)} categories, but "
+            f"{', '.join(others)}; mean±std over seeds needs the same categories in every seed: rerun those seeds "
+            f"on the same categories, or move them out of {results_dir}")
+
+
 def aggregate(results_dir, model: str | None = None, out=None, echo: bool = True,
               skipped: list | None = None) -> list[Path]:
     """Write <out>/<model>/paper.{md,csv} and <out>/<model>/<dataset>_<k>shot.{md,csv}, and without
@@ -446,6 +489,7 @@ def aggregate(results_dir, model: str | None = None, out=None, echo: bool = True
     results_dir = Path(results_dir)
     out = Path(out) if out is not None else results_dir / "summary"
     runs = scan_runs(results_dir, model, skipped)
+    check_same_categories(runs, results_dir)  # before anything is written
     written = []
     if runs and model is None:
         md, text = comparison_table(runs)
@@ -485,9 +529,12 @@ def main(argv=None) -> int:
     skipped: list = []
     try:
         written = aggregate(args.results_dir, args.model, args.out, skipped=skipped)
-    except OSError as e:  # e.g. the output folder is not writable
+    except (OSError, MixedCategoriesError) as e:  # e.g. the output folder is not writable
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # every file is written atomically
+        print("\ninterrupted (Ctrl-C); no half-written file was left", file=sys.stderr)
+        return 130
     note = (f"; skipped {len(skipped)} run(s) whose metrics.json could not be read (named above)"
             if skipped else "")
     if not written:
