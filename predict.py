@@ -42,12 +42,8 @@ from methods import list_methods, load_method_config
 from methods.base import InferenceOptions, Method
 from methods.checkpoint import build_method, read_checkpoint
 from utils.cli import run_cli
-<<<<<<< HEAD
-from utils.config import IMAGE_INDEX, PRECISIONS, WINMODES, resolve_device
-from utils.html import predictions_page
-=======
 from utils.config import IMAGE_INDEX, PRECISIONS, WINMODES, check_image_size, resolve_device
->>>>>>> i21-badinput
+from utils.html import predictions_page
 from utils.io import atomic_write_json, atomic_write_text, read_json
 from utils.visualize import DEFAULT_ALPHA, DEFAULT_COLORMAP, ColourScale, binary_mask, overlay, save_png
 

@@ -78,7 +78,7 @@ def test_disk_full_while_saving_a_checkpoint(datasets, tmp_path, monkeypatch, ca
     assert (out / "train_log.txt").read_text().splitlines()[-1] == line.replace("train.py: ", "")
 
     monkeypatch.setattr(torch, "save", real_save)  # space again: the rerun resumes after epoch 1
-    with caplog.at_level("INFO", logger="fdsl.train"):
+    with caplog.at_level("INFO", logger="fsad.train"):
         assert train.main(train_argv(datasets[0], out)) == 0
     assert "resuming after epoch 1" in caplog.text
     resumed = read_checkpoint(out / "epoch_2.pth")

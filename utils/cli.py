@@ -68,17 +68,13 @@ def run_cli(prog: str, work: Callable[[], object]) -> int:
     `prog: error: ...` with exit code 2 instead of a traceback, Ctrl-C as one line with exit code 130
     (SIGTERM: 143). Other exceptions propagate."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-<<<<<<< HEAD
     logging.getLogger("fsad").setLevel(logging.INFO)  # the project's loggers: fsad.train, fsad.test, ...
-=======
-    logging.getLogger("fdsl").setLevel(logging.INFO)
     previous = None
     try:  # a SIGTERM that is ignored or handled already keeps its handler
         if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
             previous = signal.signal(signal.SIGTERM, _terminated)
     except ValueError:  # not the main thread (tests calling main() from a worker thread)
         pass
->>>>>>> i21-badinput
     try:
         work()
     except USER_ERRORS as e:
