@@ -51,10 +51,11 @@ CAPS_S = {"machine": 60, "cuda_tests": 120, "pipeline": 120, "precision": 120, "
 # What each part measures, at full size (a CUDA GPU) and in the dry run (CPU, tiny backbones)
 FULL = {"tiny": False, "image_size": None, "win_size": 13, "win_stride": 2, "shots": [1, 2, 4],
         "precisions": ["bf16", "fp32", "fp16"], "n_test_whole": 64, "n_test_mul": 8, "n_test_precision": 16,
-        "batch_size": 8, "workers": 8, "data_size": 256, "matmul_n": 8192, "train_batch": 8, "train_steps": 3,
+        "batch_size": 8, "workers": 8, "data_size": 256, "eval_size": 240, "matmul_n": 8192, "train_batch": 8, "train_steps": 3,
         "torchrun_method": "knn", "torchrun_n_test": 16}
-DRY = {**FULL, "tiny": True, "image_size": 112, "win_size": 4, "win_stride": 2, "n_test_whole": 4, "n_test_mul": 4,
-       "n_test_precision": 4, "batch_size": 4, "workers": 0, "data_size": 64, "matmul_n": 256, "train_batch": 2,
+DRY = {**FULL, "tiny": True, "image_size": 56, "win_size": 2, "win_stride": 2, "shots": [1, 4], "n_test_whole": 4,
+       "n_test_mul": 4, "n_test_precision": 4, "batch_size": 4, "workers": 0, "data_size": 64, "eval_size": 32,
+       "matmul_n": 256, "train_batch": 2,
        "train_steps": 1, "torchrun_n_test": 2}
 
 REPORT_JSON, REPORT_MD, LOG = "gpu_report.json", "gpu_report.md", "gpu_check_log.txt"
@@ -171,6 +172,7 @@ class Run:
         # freed tensors leave the resident set, so CPU peak memory means something (bench_lfe.py)
         env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
         env["PYTHONUNBUFFERED"] = "1"
+        env["TQDM_DISABLE"] = "1"  # progress bars would fill the log
         t = time.monotonic()
         proc = subprocess.Popen([sys.executable, str(BENCH / "gpu_parts.py"), str(spec_path)], cwd=REPO,
                                 stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)

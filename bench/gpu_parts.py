@@ -45,7 +45,6 @@ TINY = {"open_clip": "tiny_clip", "timm_vit": "tiny_dinov2", "timm_cnn": "tiny_c
 # The methods the targets name come first; the rest of the registry follows in name order
 FIRST = ("fdsl", "knn")
 CATEGORY = "tiles"
-EVAL_SIZE = 240  # test.py's default metric resolution
 
 
 def one_line(e: BaseException, limit: int = 400) -> str:
@@ -300,6 +299,8 @@ def part_machine(spec: dict, rec: Recorder) -> None:
                                     for r, s in load_method_config(m)["backbones"].items()}}
                      for m in ordered_methods(list_methods())])
     device = torch.device(spec["device"])
+    if device.type == "cuda" and not cuda:
+        return  # gpu_check.py stops here with one line: nothing to measure
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     run, _ = precisions_for(device, ["fp32", "bf16", "fp16"])
     rates = {}
@@ -315,11 +316,16 @@ def part_cuda_tests(spec: dict, rec: Recorder) -> None:
     """`pytest -m cuda`: every test that needs a GPU (skipped on a CPU machine), JUnit outcomes."""
     import xml.etree.ElementTree as ET
 
+    # collecting only the files that use the marker saves collecting the whole suite
+    files = sorted(str(f.relative_to(REPO)) for f in (REPO / "tests").rglob("test_*.py")
+                   if "mark.cuda" in f.read_text(encoding="utf-8", errors="replace"))
+    if not files:
+        raise RuntimeError("no test file under tests/ uses the cuda marker (pytest.mark.cuda)")
     with tempfile.TemporaryDirectory(prefix="gpu_check_pytest_") as tmp:
         junit = Path(tmp) / "junit.xml"
         cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
-               "tests"]
-        rec.set(command=" ".join(cmd[1:-1]) + " tests")
+               *files]
+        rec.set(command="pytest -m cuda " + " ".join(files))
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)  # gpu_check's cap bounds it
         tail = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
         if not junit.is_file():
@@ -362,7 +368,7 @@ def part_pipeline(spec: dict, rec: Recorder) -> None:
     rec.set(setup=f"{name}: {describe(method)}, random weights; modes {'/'.join(modes)}"
                   f"{' (mul = LFE windows %d/%d)' % (s['win_size'], s['win_stride']) if 'mul' in modes else ''}; "
                   f"{s['n_test_whole']} test images whole, {s['n_test_mul']} with windows; batch {s['batch_size']}, "
-                  f"{s['workers']} workers; eval {EVAL_SIZE} px; built in {time.perf_counter() - t:.1f} s",
+                  f"{s['workers']} workers; eval {s['eval_size']} px; built in {time.perf_counter() - t:.1f} s",
             image_size=method.image_size, modes=modes)
     if "mul" not in modes:
         rec.note(f"{name} scores whole images only (it refuses winmode mul)")
@@ -386,7 +392,7 @@ def part_pipeline(spec: dict, rec: Recorder) -> None:
                 def cfg(k):
                     return TestConfig(data_root=str(root), k_shot=k, winmode=mode, win_size=s["win_size"],
                                       win_stride=s["win_stride"], batch_size=s["batch_size"], workers=s["workers"],
-                                      precision=prec, device=spec["device"])
+                                      eval_size=s["eval_size"], precision=prec, device=spec["device"])
                 try:
                     bp.run_one(test_script, method, cfg(s["shots"][0]), root, warm, CATEGORY, device)  # warm-up
                 except Exception as e:  # noqa: BLE001 - e.g. out of memory at one precision: go on
@@ -411,7 +417,7 @@ def part_pipeline(spec: dict, rec: Recorder) -> None:
 
 
 def predict_maps(method, root: Path, meta: dict, mode: str, precision: str, settings: dict):
-    """Maps (N, 240, 240) and masks of the category's test images, 1-shot, at one precision."""
+    """Maps (N, eval_size, eval_size) and masks of the category's test images, 1-shot, at one precision."""
     import torch
 
     from data.dataset import AnomalyDataset, load_image, select_k_shot
@@ -422,11 +428,12 @@ def predict_maps(method, root: Path, meta: dict, mode: str, precision: str, sett
     refs = select_k_shot(meta, CATEGORY, 1, seed=0)
     state = method.fit(torch.stack([load_image(root / r["img_path"], method.image_size) for r in refs]),
                        [r["img_path"] for r in refs], settings["batch_size"])
-    ds = AnomalyDataset(root, "test", method.image_size, items=meta["test"][CATEGORY], mask_size=EVAL_SIZE)
+    size = settings["eval_size"]
+    ds = AnomalyDataset(root, "test", method.image_size, items=meta["test"][CATEGORY], mask_size=size)
     maps, masks, b = [], [], settings["batch_size"]
     for i in range(0, len(ds), b):
         samples = [ds[j] for j in range(i, min(i + b, len(ds)))]
-        m, _ = method.predict(torch.stack([x["image"] for x in samples]).to(method.device), state, (EVAL_SIZE,) * 2)
+        m, _ = method.predict(torch.stack([x["image"] for x in samples]).to(method.device), state, (size, size))
         maps.append(m.float().cpu())
         masks += [x["mask"] for x in samples]
     return torch.cat(maps), torch.stack(masks).numpy().ravel() > 0.5
@@ -445,7 +452,7 @@ def part_precision(spec: dict, rec: Recorder) -> None:
     device = torch.device(spec["device"])
     run, skipped = precisions_for(device, s["precisions"])
     others = [p for p in run if p != "fp32"]
-    rec.set(setup=f"1-shot maps at {EVAL_SIZE} px of {s['n_test_precision']} generated test images (half with a "
+    rec.set(setup=f"1-shot maps at {s['eval_size']} px of {s['n_test_precision']} generated test images (half with a "
                   f"defect), random weights; compared: {', '.join(others)} against fp32")
     for p in skipped:
         rec.note(f"{p}: runs on CUDA only, not compared here")
@@ -632,7 +639,7 @@ def main(argv=None) -> int:
                 time.sleep(60)
         if spec.get("inject") == "fail":  # for the tests: a part that fails
             raise RuntimeError("injected failure (--inject-fail)")
-        if spec["device"].startswith("cuda"):
+        if spec["device"].startswith("cuda") and spec["part"] != "machine":  # machine: checks CUDA itself
             import torch
 
             torch.cuda.set_device(torch.device(spec["device"]))

@@ -154,6 +154,8 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
 def _part_header(name: str, part: dict) -> list[str]:
     line = f"_{part.get('status', '?')}, {_fmt(part.get('seconds'), '.1f')} s of a {_fmt(part.get('cap_s'), '.0f')} s cap_"
     out = [f"### {name}", "", line, ""]
+    if part.get("figures", {}).get("setup"):
+        out += [part["figures"]["setup"], ""]
     if part.get("error"):
         out += [f"**error:** `{part['error']}`", ""]
     for n in part.get("notes", []):
@@ -194,10 +196,7 @@ def _cuda_tests(part: dict) -> list[str]:
 
 def _pipeline(part: dict) -> list[str]:
     f = part.get("figures", {})
-    out = []
-    if f.get("setup"):
-        out += [f["setup"], ""]
-    rows = []
+    out, rows = [], []
     for r in part.get("rows", []):
         head = [r.get("precision"), r.get("mode"), r.get("k", "")]
         if "error" in r or "skipped" in r:
@@ -212,7 +211,7 @@ def _pipeline(part: dict) -> list[str]:
                        "peak MiB (above start)", "p-AUROC", "floor img/s", "time / floor"], rows)
     if f.get("flops"):
         out += ["FLOP floor (backbone forward per test image): " + "; ".join(
-            f"{role}: whole {v['whole_gflop']:.1f} GFLOP, {v['n_windows']} windows {v['windows_gflop']:.1f} GFLOP "
+            f"{role}: whole {v['whole_gflop']:.4g} GFLOP, {v['n_windows']} windows {v['windows_gflop']:.4g} GFLOP "
             f"({v['source']})" for role, v in f["flops"].items()), ""]
     return out
 
@@ -244,12 +243,10 @@ def _train(part: dict) -> list[str]:
 
 
 def _torchrun(part: dict) -> list[str]:
-    f = part.get("figures", {})
     rows = [[r["processes"], _fmt(r["seconds"], ".1f"), _fmt(r.get("speedup")), r.get("metrics_equal", "")]
             for r in part.get("rows", []) if "error" not in r]
     rows += [[r.get("processes", ""), r["error"], "", ""] for r in part.get("rows", []) if "error" in r]
-    out = [f["setup"], ""] if f.get("setup") else []
-    return out + (_table(["processes", "wall s", "speed-up", "metrics equal to 1 process"], rows) if rows else [])
+    return (_table(["processes", "wall s", "speed-up", "metrics equal to 1 process"], rows) if rows else [])
 
 
 _SECTIONS = {"machine": _machine, "cuda_tests": _cuda_tests, "precision": _precision, "train": _train,
