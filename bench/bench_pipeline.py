@@ -102,10 +102,12 @@ def run_one(test_script, method, cfg: TestConfig, root: Path, meta: dict, cls: s
     sync(device)
     seconds = time.perf_counter() - t
     peak = mem.stop()
-    # peak_total_bytes: the absolute peak (CUDA: everything allocated, weights included)
+    # peak_total_bytes: the absolute peak (CUDA: everything allocated, weights included);
+    # peak_reserved_bytes: what the CUDA caching allocator held at most (what the card must have)
+    reserved = torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None
     return {"images_per_s": info["n_test"] / seconds, "predict_s_per_image": info["seconds_per_image"],
-            "peak_bytes": peak, "peak_total_bytes": peak + mem.base, "p_auroc": metrics["p_auroc"],
-            "mem_what": mem.what}
+            "peak_bytes": peak, "peak_total_bytes": peak + mem.base, "peak_reserved_bytes": reserved,
+            "p_auroc": metrics["p_auroc"], "mem_what": mem.what}
 
 
 def main(argv=None) -> int:

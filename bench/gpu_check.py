@@ -50,13 +50,13 @@ CAPS_S = {"machine": 60, "cuda_tests": 120, "pipeline": 120, "precision": 120, "
 
 # What each part measures, at full size (a CUDA GPU) and in the dry run (CPU, tiny backbones)
 FULL = {"tiny": False, "image_size": None, "win_size": 13, "win_stride": 2, "shots": [1, 2, 4],
-        "precisions": ["bf16", "fp32", "fp16"], "n_test_whole": 64, "n_test_mul": 8, "n_test_precision": 16,
-        "batch_size": 8, "workers": 8, "data_size": 256, "eval_size": 240, "matmul_n": 8192, "train_batch": 8, "train_steps": 3,
-        "torchrun_method": "knn", "torchrun_n_test": 16}
+        "precisions": ["bf16", "fp32", "fp16"], "n_test_whole": 128, "n_test_mul": 8, "n_test_precision": 16,
+        "batch_size": 8, "workers": 4, "data_size": 256, "eval_size": 240, "matmul_n": 8192, "train_batch": 8,
+        "train_steps": 3, "torchrun_method": "knn", "torchrun_n_test": 16}
 DRY = {**FULL, "tiny": True, "image_size": 56, "win_size": 2, "win_stride": 2, "shots": [1, 4], "n_test_whole": 4,
        "n_test_mul": 4, "n_test_precision": 4, "batch_size": 4, "workers": 0, "data_size": 64, "eval_size": 32,
-       "matmul_n": 256, "train_batch": 2,
-       "train_steps": 1, "torchrun_n_test": 2}
+       "matmul_n": 256, "train_batch": 2, "train_steps": 1, "torchrun_n_test": 2,
+       "threads": 1}  # one CPU thread: no OpenMP barrier stalls on a shared machine
 
 REPORT_JSON, REPORT_MD, LOG = "gpu_report.json", "gpu_report.md", "gpu_check_log.txt"
 

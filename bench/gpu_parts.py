@@ -412,8 +412,9 @@ def part_pipeline(spec: dict, rec: Recorder) -> None:
                         row["floor_images_per_s"] = peaks[prec] / per_image_flops(flops, mode)
                         row["x_floor"] = row["floor_images_per_s"] / row["loop_images_per_s"]
                     rec.row(**row)
-    rec.note("test loop img/s: read, predict and copy back of the category's test images (test.py's loop); "
-             "whole call img/s adds fitting the k references and the metrics")
+    rec.note("test loop img/s: read, predict and copy back of the category's test images (test.py's loop, "
+             "starting the DataLoader workers included, once per category as in test.py); whole call img/s adds "
+             "fitting the k references and the metrics; peak MiB reserved: the CUDA caching allocator's peak")
 
 
 def predict_maps(method, root: Path, meta: dict, mode: str, precision: str, settings: dict):
@@ -643,6 +644,11 @@ def main(argv=None) -> int:
             import torch
 
             torch.cuda.set_device(torch.device(spec["device"]))
+        if spec["settings"].get("threads"):
+            import torch
+
+            torch.set_num_threads(int(spec["settings"]["threads"]))
+            os.environ["OMP_NUM_THREADS"] = str(spec["settings"]["threads"])  # subprocesses: pytest, torchrun
         PARTS[spec["part"].split(":", 1)[0]](spec, rec)
     except BaseException as e:  # noqa: BLE001 - every failure becomes the part's one-line error
         rec.fail(e)

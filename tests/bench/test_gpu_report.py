@@ -119,3 +119,13 @@ def test_markdown_prints_every_part_target_and_error():
     assert sum(line.startswith("| ") for line in table.splitlines()) == 1 + len(report["targets"])
     assert "| PASS |" in table
     assert "OutOfMemoryError: x" in md  # a failed row keeps its error in the part's table
+
+
+def test_on_cuda_the_memory_target_reads_the_allocators_reserve():
+    part = pipeline_rows(memory_4shot=20 * GB)
+    for r in part["rows"]:
+        if r.get("precision") == "bf16" and r.get("mode") == "mul" and r.get("k") == 4:
+            r["peak_reserved_bytes"] = 24.5 * GB  # allocated 20 GB fits, the allocator's reserve does not
+    mem = by_key(evaluate_targets({"pipeline:fdsl": part}))[("lfe_4shot_memory", "fdsl LFE mul k=4")]
+    assert mem["result"] == "FAIL" and mem["value"] == pytest.approx(24.5)
+    assert "reserve" in mem["figure"] and "allocated 20.00 GB" in mem["detail"]
