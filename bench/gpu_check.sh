@@ -18,13 +18,14 @@ fi
 wheels="${GPU_CHECK_WHEELS:-$repo/.whl}"
 if [ "$wheels" != "none" ] && compgen -G "$wheels/*.whl" >/dev/null; then
   site="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_site.XXXXXX")"
+  trap 'rm -rf "$site"' EXIT
   echo "gpu_check: installing the wheels of $wheels into $site"
-  if ! "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
-      "$wheels"/*.whl; then
+  if ! PIP_ROOT_USER_ACTION=ignore "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+      --upgrade --target "$site" "$wheels"/*.whl; then
     echo "gpu_check: error: could not install the wheels in $wheels (see pip's message above)" >&2
     exit 2
   fi
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONUNBUFFERED=1
-exec "$py" "$here/gpu_check.py" "$@"
+"$py" "$here/gpu_check.py" "$@"

@@ -243,12 +243,15 @@ def part_machine(spec: dict, rec: Recorder) -> None:
         figures["git_commit"] = "n/a"
     packages, missing, mismatched = {}, [], []
     pins = _requirement_pins()
+    where = {}
     for module, pip_name in REQUIRED:
         try:
-            importlib.import_module(module)
+            mod = importlib.import_module(module)
         except Exception as e:  # noqa: BLE001 - a broken install is as missing as an absent one
             missing.append(f"{pip_name} (import {module}: {one_line(e)})")
             continue
+        if module in ("open_clip", "timm"):  # carried wheels or the machine's own
+            where[module] = str(Path(mod.__file__).parent.parent)
         try:
             version = importlib.metadata.version(pip_name)
         except importlib.metadata.PackageNotFoundError:
@@ -257,7 +260,7 @@ def part_machine(spec: dict, rec: Recorder) -> None:
         pin = pins.get(pip_name.lower())
         if pin and version.split("+")[0] != pin:
             mismatched.append(f"{pip_name} {version} (requirements.txt: {pin})")
-    figures.update(packages=packages, missing_packages=missing, version_mismatches=mismatched)
+    figures.update(packages=packages, missing_packages=missing, version_mismatches=mismatched, imported_from=where)
     rec.set(**figures)
     if mismatched:
         rec.note("versions differ from requirements.txt: " + ", ".join(mismatched))

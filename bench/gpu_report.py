@@ -179,6 +179,8 @@ def _machine(part: dict) -> list[str]:
                 "wheels)", ""]
     if f.get("packages"):
         out += ["packages: " + ", ".join(f"{k} {v}" for k, v in f["packages"].items()), ""]
+    if f.get("imported_from"):
+        out += ["imported from: " + ", ".join(f"{k} {v}" for k, v in f["imported_from"].items()), ""]
     if f.get("matmul_tflops"):
         out += ["measured matmul rate: " + ", ".join(f"{k} {v:.1f} TFLOP/s" for k, v in f["matmul_tflops"].items()),
                 ""]
