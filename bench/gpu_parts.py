@@ -370,7 +370,8 @@ def part_pipeline(spec: dict, rec: Recorder) -> None:
     modes = ["nan"] + (["mul"] if supports_windows(method, s) else [])
     rec.set(setup=f"{name}: {describe(method)}, random weights; modes {'/'.join(modes)}"
                   f"{' (mul = LFE windows %d/%d)' % (s['win_size'], s['win_stride']) if 'mul' in modes else ''}; "
-                  f"{s['n_test_whole']} test images whole, {s['n_test_mul']} with windows; batch {s['batch_size']}, "
+                  f"{s['n_test_whole']} test images whole{', %d with windows' % s['n_test_mul'] if 'mul' in modes else ''}; "
+                  f"batch {s['batch_size']}, "
                   f"{s['workers']} workers; eval {s['eval_size']} px; built in {time.perf_counter() - t:.1f} s",
             image_size=method.image_size, modes=modes)
     if "mul" not in modes:
@@ -560,6 +561,7 @@ def _train_step(name: str, s: dict, device, precision: str, root: Path, meta: di
                                                         for p in params if p.grad is not None)
     row = {"method": name, "precision": precision, "batch": batch_size, "s_per_step": seconds / steps,
            "images_per_s": batch_size * steps / seconds, "peak_bytes": peak, "peak_total_bytes": peak + mem.base,
+           "peak_reserved_bytes": torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None,
            "loss": float(losses.mean()), "finite": finite, "trainable_parameters": sum(p.numel() for p in params)}
     if not finite:
         row["error"] = "loss or gradients not finite"

@@ -242,13 +242,15 @@ def _train(part: dict) -> list[str]:
     rows = []
     for r in part.get("rows", []):
         if "error" in r:
-            rows.append([r.get("method"), r.get("precision", ""), r["error"], "", "", "", "", ""])
+            rows.append([r.get("method"), r.get("precision", ""), r["error"], "", "", "", "", "", ""])
             continue
+        reserved = r.get("peak_reserved_bytes")
         rows.append([r["method"], r["precision"], r["batch"], _fmt(r["s_per_step"], ".3f"),
                      _fmt(r["images_per_s"]), _fmt(r["peak_total_bytes"] / MiB, ".0f"),
-                     _fmt(r["peak_bytes"] / MiB, ".0f"), _fmt(r.get("loss"), ".4f")])
+                     _fmt(reserved / MiB if _finite(reserved) else None, ".0f"), _fmt(r["peak_bytes"] / MiB, ".0f"),
+                     _fmt(r.get("loss"), ".4f")])
     return _table(["method", "backbone precision", "batch", "s / step", "img/s", "peak MiB (all)",
-                   "peak MiB (above start)", "loss"], rows) if rows else []
+                   "peak MiB reserved", "peak MiB (above start)", "loss"], rows) if rows else []
 
 
 def _torchrun(part: dict) -> list[str]:
