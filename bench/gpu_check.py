@@ -19,7 +19,8 @@ backbones and size (methods/configs/<name>.json), random weights (nothing is dow
 Exit codes: 0 every part gave its figures (a missed target is a FAIL in the report, not an exit
 code); 1 a part or one of its rows failed or was cut off; 2 bad arguments or an output folder
 that cannot be written; 3 no usable CUDA GPU (torch missing, or it sees no GPU): one line in the
-report, nothing measured.
+report, nothing measured; 128 + N stopped by signal N (the running part is killed, the report
+says so).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -128,6 +130,18 @@ class Run:
         self.tmp = tempfile.TemporaryDirectory(prefix="gpu_check_")
         self.log = open(self.out / LOG, "w", encoding="utf-8")
         self.peaks: dict[str, float] = {}
+        self.current: subprocess.Popen | None = None
+
+    def kill_current(self) -> None:
+        if self.current is not None and self.current.poll() is None:
+            try:
+                os.killpg(self.current.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            try:
+                self.current.wait(timeout=30)  # reaped: no zombie left behind
+            except subprocess.TimeoutExpired:
+                pass
 
     def elapsed(self) -> float:
         return time.monotonic() - self.t0
@@ -174,18 +188,22 @@ class Run:
         env["PYTHONUNBUFFERED"] = "1"
         env["TQDM_DISABLE"] = "1"  # progress bars would fill the log
         t = time.monotonic()
+        # its own process group (same session: whoever stops this run's session stops it too), so a
+        # part and everything it started (pytest, torchrun ranks, DataLoader workers) stop together
         proc = subprocess.Popen([sys.executable, str(BENCH / "gpu_parts.py"), str(spec_path)], cwd=REPO,
-                                stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                                stdout=self.log, stderr=subprocess.STDOUT, env=env, preexec_fn=os.setpgrp)
+        self.current = proc
+        self.parts[name]["pid"] = proc.pid
+        self.write()
         timed_out = False
         try:
             rc = proc.wait(timeout=cap_eff)
         except subprocess.TimeoutExpired:
             timed_out = True
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # the part and everything it started (pytest, torchrun)
-            except ProcessLookupError:
-                pass
+            self.kill_current()
             rc = proc.wait()
+        finally:
+            self.current = None
         seconds = time.monotonic() - t
         self.log.flush()
         part = self._collect(name, result, rc, timed_out, seconds, cap_eff)
@@ -237,7 +255,7 @@ def no_cuda_line(machine: dict) -> str | None:
     return None
 
 
-def main(argv=None) -> int:
+def run_check(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     try:
@@ -248,6 +266,19 @@ def main(argv=None) -> int:
         return 2
     run = Run(args, argv)
     selection = [s.strip() for s in args.parts.split(",") if s.strip()]
+
+    def stopped(signum, frame):  # Ctrl-C or a kill from outside: no part is left running
+        run.kill_current()
+        name = signal.Signals(signum).name
+        for part in run.parts.values():
+            if part["status"] == "running":
+                part.update(status="failed", error=f"the run was stopped ({name})")
+        run.report["stopped"] = f"stopped by {name} after {run.elapsed():.0f} s"
+        run.write(exit_code=128 + signum)
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, stopped)
     try:
         machine = run.run_part("machine", remaining_after=len(KINDS))
         stop = None if args.dry_run else no_cuda_line(machine)
@@ -281,6 +312,15 @@ def main(argv=None) -> int:
     finally:
         run.log.close()
         run.tmp.cleanup()
+
+
+def main(argv=None) -> int:
+    try:
+        return run_check(argv)
+    finally:
+        carried = os.environ.get("GPU_CHECK_REMOVE_AT_EXIT", "")  # gpu_check.sh's folder of installed wheels
+        if Path(carried).name.startswith("gpu_check_site."):
+            shutil.rmtree(carried, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ fi
 wheels="${GPU_CHECK_WHEELS:-$repo/.whl}"
 if [ "$wheels" != "none" ] && compgen -G "$wheels/*.whl" >/dev/null; then
   site="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_site.XXXXXX")"
-  trap 'rm -rf "$site"' EXIT
+  export GPU_CHECK_REMOVE_AT_EXIT="$site"  # gpu_check.py removes it when it ends
   echo "gpu_check: installing the wheels of $wheels into $site"
   if ! PIP_ROOT_USER_ACTION=ignore "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
       --upgrade --target "$site" "$wheels"/*.whl; then
@@ -28,4 +28,4 @@ if [ "$wheels" != "none" ] && compgen -G "$wheels/*.whl" >/dev/null; then
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONUNBUFFERED=1
-"$py" "$here/gpu_check.py" "$@"
+exec "$py" "$here/gpu_check.py" "$@"  # exec: a signal sent to this script reaches the run

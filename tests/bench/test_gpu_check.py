@@ -157,3 +157,33 @@ def test_an_output_folder_that_cannot_be_written_is_refused(tmp_path):
     blocker.write_text("x")
     res = gpu_check("--dry-run", str(blocker / "report"), timeout=120)
     assert res.returncode == 2 and "report folder" in res.stderr and str(blocker) in res.stderr, res.stderr
+
+
+def test_a_run_stopped_from_outside_kills_its_part_and_says_so(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "report"
+    env = {**os.environ, "GPU_CHECK_WHEELS": "none"}
+    proc = subprocess.Popen(["bash", str(REPO / "bench" / "gpu_check.sh"), "--dry-run", str(out), "--parts",
+                             "cuda_tests", "--inject-hang", "cuda_tests", "--cap", "cuda_tests=600", "--cap",
+                             "machine=300"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    pid, deadline = None, time.monotonic() + 600
+    while pid is None and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+        try:
+            pid = json.loads((out / "gpu_report.json").read_text())["parts"]["cuda_tests"].get("pid")
+        except (OSError, ValueError, KeyError):
+            pass
+    assert pid is not None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)  # to the script: its exec'd Python gets it
+    proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+    report, md = read(out)
+    assert report["exit_code"] == 128 + signal.SIGTERM and report["stopped"].startswith("stopped by SIGTERM")
+    assert report["parts"]["cuda_tests"]["status"] == "failed"
+    assert report["parts"]["cuda_tests"]["error"] == "the run was stopped (SIGTERM)"
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:  # the hung part is gone too
+        time.sleep(0.2)
+    assert not Path(f"/proc/{pid}").exists()
