@@ -3,7 +3,8 @@
 #   bash bench/gpu_check.sh OUTDIR              # a CUDA machine, at most 8 minutes
 #   bash bench/gpu_check.sh --dry-run OUTDIR    # CPU, tiny random backbones, to check the script
 # Writes OUTDIR/gpu_report.md, gpu_report.json and gpu_check_log.txt. Exit codes: 0 all figures,
-# 1 a part failed or was cut off, 2 bad arguments, 3 no usable CUDA GPU (report still written).
+# 1 a part failed or was cut off, 2 bad arguments, 3 no usable CUDA GPU (report still written),
+# 128+N stopped by signal N.
 #
 # Wheels carried to a machine without internet (bench/README.md): *.whl files in the repository's
 # .whl/ folder (or GPU_CHECK_WHEELS=DIR) are installed into a temporary folder put first on
