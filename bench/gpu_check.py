@@ -183,8 +183,8 @@ class Run:
         self.log.flush()
         env = {k: v for k, v in os.environ.items()
                if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-        # freed tensors leave the resident set, so CPU peak memory means something (bench_lfe.py)
-        env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
+        if self.device == "cpu":  # freed tensors leave the resident set: CPU peak memory means something
+            env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")  # (bench_lfe.py); CUDA has its own counters
         env["PYTHONUNBUFFERED"] = "1"
         env["TQDM_DISABLE"] = "1"  # progress bars would fill the log
         t = time.monotonic()
