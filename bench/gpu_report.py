@@ -202,11 +202,13 @@ def _cuda_tests(part: dict) -> list[str]:
 
 def _pipeline(part: dict) -> list[str]:
     f = part.get("figures", {})
+    header = ["precision", "mode", "k", "test loop img/s", "whole call img/s", "peak MiB (all)", "peak MiB reserved",
+              "peak MiB (above start)", "p-AUROC", "floor img/s", "time / floor"]
     out, rows = [], []
     for r in part.get("rows", []):
         head = [r.get("precision"), r.get("mode"), r.get("k", "")]
         if "error" in r or "skipped" in r:
-            rows.append(head + [r.get("error") or r.get("skipped")] + [""] * 8)
+            rows.append(head + [r.get("error") or r.get("skipped")] + [""] * (len(header) - len(head) - 1))
             continue
         reserved = r.get("peak_reserved_bytes")
         rows.append(head + [_fmt(r["loop_images_per_s"]), _fmt(r["images_per_s"]),
@@ -216,8 +218,7 @@ def _pipeline(part: dict) -> list[str]:
                             _fmt(100 * r["p_auroc"] if _finite(r.get("p_auroc")) else None),
                             _fmt(r.get("floor_images_per_s")), _fmt(r.get("x_floor"))])
     if rows:
-        out += _table(["precision", "mode", "k", "test loop img/s", "whole call img/s", "peak MiB (all)",
-                       "peak MiB reserved", "peak MiB (above start)", "p-AUROC", "floor img/s", "time / floor"], rows)
+        out += _table(header, rows)
     if f.get("flops"):
         out += ["FLOP floor (backbone forward per test image): " + "; ".join(
             f"{role}: whole {v['whole_gflop']:.4g} GFLOP, {v['n_windows']} windows {v['windows_gflop']:.4g} GFLOP "

@@ -129,3 +129,30 @@ def test_on_cuda_the_memory_target_reads_the_allocators_reserve():
     mem = by_key(evaluate_targets({"pipeline:fdsl": part}))[("lfe_4shot_memory", "fdsl LFE mul k=4")]
     assert mem["result"] == "FAIL" and mem["value"] == pytest.approx(24.5)
     assert "reserve" in mem["figure"] and "allocated 20.00 GB" in mem["detail"]
+
+
+def test_every_markdown_table_row_has_its_headers_cell_count():
+    """Rows of errors and skips (a precision that runs on CUDA only, an out-of-memory row) fill
+    the same columns as measured rows: a longer row would shift or drop cells in a renderer."""
+    parts = {"pipeline:fdsl": pipeline_rows(), "precision": {**precision_part(), "rows": precision_part()["rows"] + [
+                 {"method": "fdsl", "mode": "mul", "precision": "-", "error": "RuntimeError: x"}]},
+             "cuda_tests": {**cuda_part(), "rows": [{"test": "t::a", "outcome": "passed", "message": ""}]},
+             "train": {"status": "partial", "seconds": 2.0, "cap_s": 90.0, "figures": {}, "notes": [], "rows": [
+                 {"method": "fdsl", "precision": "bf16", "batch": 8, "s_per_step": 0.5, "images_per_s": 16.0,
+                  "peak_total_bytes": GB, "peak_reserved_bytes": 2 * GB, "peak_bytes": GB, "loss": 0.7},
+                 {"method": "dcpsfr", "precision": "bf16", "error": "OutOfMemoryError: y"}]},
+             "torchrun": {"status": "partial", "seconds": 2.0, "cap_s": 90.0, "figures": {}, "notes": [], "rows": [
+                 {"processes": 1, "seconds": 3.0}, {"processes": 2, "error": "exit code 1: z"}]}}
+    md = render_markdown({"command": "x", "parts": parts, "targets": evaluate_targets(parts), "budget_s": 470,
+                          "seconds": 1.0, "exit_code": 1})
+    tables, current = [], []
+    for line in md.splitlines() + [""]:
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            tables.append(current)
+            current = []
+    assert len(tables) == 7  # targets, parts, and one per part
+    for table in tables:
+        cells = [len(line.replace("\\|", "").strip("|").split("|")) for line in table]
+        assert len(set(cells)) == 1, table
