@@ -52,37 +52,41 @@ def _load_test_script():
     return module
 
 
-def backbone_flops(method, win_size: int, win_stride: int, window_batch: int) -> tuple[float, float, int]:
+def backbone_flops(backbone, win_size: int, win_stride: int, window_batch: int,
+                   windows: bool = True) -> tuple[float, float, int]:
     """(whole image, all windows of one image, number of windows): forward FLOPs counted on the
-    method's backbone at its current precision."""
+    backbone at its own image size and current precision (windows: 0 FLOPs, 0 windows if False)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    bb, s, dev = method.backbone, method.image_size, method.device
+    s, dev = backbone.image_size, backbone.mean.device
     x = torch.rand(1, 3, s, s, device=dev)
     fast = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)  # the fused MHA kernel is invisible to the counter
     try:
         with FlopCounterMode(display=False) as fc:
-            bb(x)
+            backbone(x)
         whole = float(fc.get_total_flops())
-        layout = WindowLayout.make((s // bb.patch_size,) * 2, win_size, win_stride)
-        crops = crop_windows(x, layout, bb.patch_size)
+        if not windows:
+            return whole, 0.0, 0
+        layout = WindowLayout.make((s // backbone.patch_size,) * 2, win_size, win_stride)
+        crops = crop_windows(x, layout, backbone.patch_size)
         with FlopCounterMode(display=False) as fc:
             for i in range(0, crops.shape[0], window_batch):
-                bb(crops[i:i + window_batch])
+                backbone(crops[i:i + window_batch])
     finally:
         torch.backends.mha.set_fastpath_enabled(fast)
     return whole, float(fc.get_total_flops()), layout.n_windows
 
 
-def analytic_vit_flops(method, win_size: int, win_stride: int) -> tuple[float, float] | None:
-    """bench_lfe's closed form for open_clip ViTs (None for other backbones)."""
-    v = getattr(method.backbone, "visual", None)
+def analytic_vit_flops(backbone, win_size: int, win_stride: int) -> tuple[float, float] | None:
+    """bench_lfe's closed form for open_clip ViTs (None for other backbones): (whole image, all
+    windows of one image)."""
+    v = getattr(backbone, "visual", None)
     if v is None or not hasattr(v, "transformer"):
         return None
     depth, width = len(v.transformer.resblocks), int(v.conv1.out_channels)
-    mlp, ps = int(v.transformer.resblocks[0].mlp.c_fc.out_features), method.backbone.patch_size
-    grid = method.image_size // ps
+    mlp, ps = int(v.transformer.resblocks[0].mlp.c_fc.out_features), backbone.patch_size
+    grid = backbone.image_size // ps
     n_win = WindowLayout.make((grid, grid), win_size, win_stride).n_windows
     return (vit_flops(grid * grid + 1, depth, width, mlp, ps),
             n_win * vit_flops(win_size * win_size + 1, depth, width, mlp, ps))
@@ -97,8 +101,13 @@ def run_one(test_script, method, cfg: TestConfig, root: Path, meta: dict, cls: s
     metrics, info = test_script.evaluate_category(method, cfg, root, meta, cls)
     sync(device)
     seconds = time.perf_counter() - t
+    peak = mem.stop()
+    # peak_total_bytes: the absolute peak (CUDA: everything allocated, weights included);
+    # peak_reserved_bytes: what the CUDA caching allocator held at most (what the card must have)
+    reserved = torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None
     return {"images_per_s": info["n_test"] / seconds, "predict_s_per_image": info["seconds_per_image"],
-            "peak_bytes": mem.stop(), "p_auroc": metrics["p_auroc"], "mem_what": mem.what}
+            "peak_bytes": peak, "peak_total_bytes": peak + mem.base, "peak_reserved_bytes": reserved,
+            "p_auroc": metrics["p_auroc"], "mem_what": mem.what}
 
 
 def main(argv=None) -> int:
@@ -176,8 +185,8 @@ def main(argv=None) -> int:
 
     # -- FLOP floor
     method.set_precision("fp32")
-    whole, windows, n_win = backbone_flops(method, a.win_size, a.win_stride, method.options.window_batch)
-    closed = analytic_vit_flops(method, a.win_size, a.win_stride)
+    whole, windows, n_win = backbone_flops(method.backbone, a.win_size, a.win_stride, method.options.window_batch)
+    closed = analytic_vit_flops(method.backbone, a.win_size, a.win_stride)
     if a.peak_tflops:
         peaks = {"fp32": a.peak_tflops[0] * 1e12, mixed: (a.peak_tflops[-1]) * 1e12}
         source = "given"

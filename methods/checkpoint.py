@@ -21,6 +21,22 @@ LEGACY_FDSL = "fdsl-heads/1"  # written before methods had one interface; read a
 FEATURE_KEYS = ("kind", "model", "layers", "layer_dims", "patch_size", "smooth", "project_tokens")
 
 
+def to_cpu(obj):
+    """Every tensor of a (nested) state dict on the CPU: a checkpoint written on a GPU is read by
+    plain torch.load(weights_only=True) on a machine without one (the optimizer moves its state
+    back to its parameters' device when it loads it)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        out = type(obj)((k, to_cpu(v)) for k, v in obj.items())  # an OrderedDict stays one
+        if hasattr(obj, "_metadata"):  # a state dict's module versions, read by load_state_dict
+            out._metadata = obj._metadata
+        return out
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
 def checkpoint_payload(method: Method, epoch: int, optimizer: torch.optim.Optimizer | None = None,
                        train_config: dict | None = None) -> dict:
     return {
@@ -28,9 +44,9 @@ def checkpoint_payload(method: Method, epoch: int, optimizer: torch.optim.Optimi
         "method": method.name,
         "method_config": method.config,
         "backbones": method.backbone_signatures(),
-        "state": method.heads.state_dict() if method.heads is not None else {},
+        "state": to_cpu(method.heads.state_dict()) if method.heads is not None else {},
         "epoch": int(epoch),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "optimizer": to_cpu(optimizer.state_dict()) if optimizer is not None else None,
         "train_config": train_config or {},
     }
 

@@ -9,6 +9,22 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLE_DATA = Path(os.environ.get("FSAD_SAMPLE_DATA", REPO.parent / "shared" / "data" / "mvtec_bottle_xs"))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` (or `cuda(gpus=N)`) are skipped where fewer GPUs are visible, so one
+    marker both selects them (`pytest -m cuda`, bench/gpu_check.sh) and skips them on CPU."""
+    marked = [(item, item.get_closest_marker("cuda")) for item in items]
+    marked = [(item, m) for item, m in marked if m is not None]
+    if not marked:
+        return
+    import torch
+
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for item, marker in marked:
+        need = int(marker.kwargs.get("gpus", 1))
+        if have < need:
+            item.add_marker(pytest.mark.skip(reason=f"needs {need} CUDA GPU(s), {have} visible"))
+
+
 def load_test_script():
     """The repository's test.py, imported by path (`import test` may find the stdlib package)."""
     spec = importlib.util.spec_from_file_location("fsad_test_script", REPO / "test.py")

@@ -111,10 +111,10 @@ def train(rank: int, world: int, port: int, runs: list[dict], out: str, resume_c
     _outcome(Path(out), rank, work)
 
 
-def batchnorm(rank: int, world: int, port: int, out: str, sync: bool) -> None:
-    """One training step of a BatchNorm1d on this rank's half of a fixed batch (GlobalBatchNorm when
-    `sync`, plain BatchNorm otherwise) inside DDP; writes output, input gradient, parameter
-    gradients and running statistics."""
+def batchnorm(rank: int, world: int, port: int, out: str, sync: bool, device: str = "cpu") -> None:
+    """One training step of a BatchNorm1d on this rank's half of a fixed batch (GlobalBatchNorm on
+    the CPU, SyncBatchNorm over NCCL with device 'cuda', when `sync`; plain BatchNorm otherwise)
+    inside DDP; writes output, input gradient, parameter gradients and running statistics."""
     set_rank_env(rank, world, port)
     import torch
     import torch.distributed as dist
@@ -122,7 +122,8 @@ def batchnorm(rank: int, world: int, port: int, out: str, sync: bool) -> None:
     from utils import distributed
 
     def work():
-        distributed.init(torch.device("cpu"))
+        dev = torch.device("cuda", rank) if device == "cuda" else torch.device("cpu")
+        distributed.init(dev)
         torch.manual_seed(0)
         x = (torch.randn(12, 5) * 3 + 2).double()
         target = torch.randn(12, 5).double()
@@ -130,12 +131,13 @@ def batchnorm(rank: int, world: int, port: int, out: str, sync: bool) -> None:
         with torch.no_grad():
             bn.weight.uniform_(0.5, 1.5)
             bn.bias.uniform_(-0.5, 0.5)
+        bn = bn.to(dev)
         if sync:
-            bn = distributed.sync_batchnorm(bn, torch.device("cpu"))
-        model = torch.nn.parallel.DistributedDataParallel(bn)
-        part = x.chunk(world)[rank].clone().requires_grad_(True)
+            bn = distributed.sync_batchnorm(bn, dev)
+        model = torch.nn.parallel.DistributedDataParallel(bn, device_ids=[dev] if dev.type == "cuda" else None)
+        part = x.chunk(world)[rank].clone().to(dev).requires_grad_(True)
         y = model(part)
-        ((y - target.chunk(world)[rank]) ** 2).mean().backward()
+        ((y - target.chunk(world)[rank].to(dev)) ** 2).mean().backward()
         grads = [None] * world
         dist.all_gather_object(grads, part.grad.tolist())
         outs = [None] * world

@@ -237,13 +237,8 @@ def test_ddp_training_is_reproducible_resumes_and_tracks_one_process(datasets, t
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
-@pytest.mark.parametrize("sync", [True, False])
-def test_batchnorm_over_ranks_is_batchnorm_of_the_global_batch(sync, tmp_path):
-    """GlobalBatchNorm under DDP on two halves = BatchNorm on the whole batch (outputs, gradients,
-    running statistics); plain BatchNorm (the control) normalises each half by itself."""
-    out = tmp_path / "ranks"
-    out.mkdir()
-    assert dist_workers.start(dist_workers.batchnorm, 2, str(out), sync) == [0, 0]
+def _check_global_batchnorm(out: Path, sync: bool) -> None:
+    """The ranks' outcome against BatchNorm on the whole batch: equal (sync) or not (plain)."""
     got = outcomes(out, 2)
     assert all(o["ok"] for o in got), got
     r = got[0]["result"]
@@ -265,6 +260,26 @@ def test_batchnorm_over_ranks_is_batchnorm_of_the_global_batch(sync, tmp_path):
         assert all(close.values()), close
     else:
         assert not close["y"] and not close["running_var"]
+
+
+@pytest.mark.parametrize("sync", [True, False])
+def test_batchnorm_over_ranks_is_batchnorm_of_the_global_batch(sync, tmp_path):
+    """GlobalBatchNorm under DDP on two halves = BatchNorm on the whole batch (outputs, gradients,
+    running statistics); plain BatchNorm (the control) normalises each half by itself."""
+    out = tmp_path / "ranks"
+    out.mkdir()
+    assert dist_workers.start(dist_workers.batchnorm, 2, str(out), sync) == [0, 0]
+    _check_global_batchnorm(out, sync)
+
+
+@pytest.mark.cuda(gpus=2)
+@pytest.mark.parametrize("sync", [True, False])
+def test_syncbatchnorm_over_nccl_is_batchnorm_of_the_global_batch(sync, tmp_path):
+    """The same on two GPUs: torch's SyncBatchNorm over NCCL (what train.py uses on CUDA)."""
+    out = tmp_path / "ranks"
+    out.mkdir()
+    assert dist_workers.start(dist_workers.batchnorm, 2, str(out), sync, "cuda") == [0, 0]
+    _check_global_batchnorm(out, sync)
 
 
 # --------------------------------------------------------------------------------------------

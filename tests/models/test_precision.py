@@ -172,7 +172,7 @@ def test_bf16_training_keeps_fp32_checkpoints_and_resume_checks_precision(datase
                              "fdsl")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
 def test_cuda_per_batch_path_never_waits_for_the_gpu(datasets):
     """No host sync inside predict (whole image and windows) or a training step on CUDA."""
     device = torch.device("cuda")
