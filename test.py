@@ -128,7 +128,7 @@ def evaluate_category(method: Method, cfg: TestConfig, root: Path, meta: dict, c
     info = {"references": [it["img_path"] for it in refs], "n_test": len(items),
             "n_pixel_eval": int(masked.sum()), "n_missing_masks": int((~masked).sum()),
             "seconds_per_image": seconds / max(len(items), 1), "peak_memory_mib": peak,
-            **method.state_nbytes(state)}
+            **method.state_info(state)}
     if cfg.save_images and run_dir is not None:
         save_category_images(run_dir, cls, ds, metrics, labels_np, scores_np, masks_np, maps_np,
                              maps_t.numpy(), masked, cfg)

@@ -136,3 +136,8 @@ class Method(nn.Module):
     def state_nbytes(self, state: Any) -> dict[str, int]:
         """Bytes held per category (reported in metrics.json)."""
         return {}
+
+    def state_info(self, state: Any) -> dict:
+        """What metrics.json reports about a category's reference state: its bytes, and what a method
+        decided per category (anomalydino: whether its test patches are foreground-masked)."""
+        return self.state_nbytes(state)

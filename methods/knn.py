@@ -82,6 +82,9 @@ class KNNMethod(PatchMatchingMethod):
         windows = self.windows.build_bank(refs) if self.windows is not None else None
         return KNNState(bank, windows, self.masks_category(self.config, category))
 
+    def state_info(self, state: KNNState) -> dict:
+        return {**self.state_nbytes(state), "foreground_masked": bool(state.masked)}
+
     # -- scoring ----------------------------------------------------------------------------------
     def window_layer_maps(self, tokens: Sequence[torch.Tensor], aligned: Sequence[torch.Tensor],
                           grid: tuple[int, int]) -> torch.Tensor:

@@ -155,3 +155,14 @@ def test_dinov2_configs_take_the_last_block_after_the_final_norm():
     for size, depth in (("s", 12), ("b", 12), ("l", 24)):
         cfg = load_backbone_config(f"dinov2_vit{size}14_last")
         assert cfg["layers"] == [depth] and cfg["norm"] is True and cfg["image_size"] == 448
+
+
+def test_bf16_backbone_keeps_the_bank_and_scores_fp32(images):
+    refs, queries = images
+    method = build(rotations=[0, 180], masking="on", mask_threshold=4.0)
+    fp32 = method.predict(queries, method.fit(refs), (16, 16))
+    method.configure(InferenceOptions(precision="bf16"))
+    state = method.fit(refs)
+    assert state.bank.tokens[0].dtype == torch.float32
+    maps, scores = method.predict(queries, state, (16, 16))
+    assert maps.dtype == torch.float32 and (maps - fp32[0]).abs().mean() < 0.05
