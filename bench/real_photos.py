@@ -56,7 +56,8 @@ class Row:
 # --------------------------------------------------------------------------- #
 def prepare_dataset(root: Path, quick: bool, work: Path) -> tuple[Path, dict]:
     """(root to evaluate, its meta). DATA_ROOT's own meta.json when present and the full set is run;
-    otherwise a folder under `work` that links DATA_ROOT's category folders and holds the meta."""
+    otherwise `work`/data (a fixed path, so that a kept results folder is recognised by a rerun) that
+    links DATA_ROOT's category folders and holds the meta."""
     from data.dataset import load_meta
     from data.meta import write_meta
     from data.mvtec import build_meta
@@ -71,11 +72,14 @@ def prepare_dataset(root: Path, quick: bool, work: Path) -> tuple[Path, dict]:
         for cls, items in meta["test"].items():
             meta["test"][cls] = ([it for it in items if not it["anomaly"]][:QUICK_IMAGES]
                                  + [it for it in items if it["anomaly"]][:QUICK_IMAGES])
-    linked = work / "data"
-    linked.mkdir(parents=True)
+    linked = work / ("data_quick" if quick else "data")
+    linked.mkdir(parents=True, exist_ok=True)
     for top in sorted({it["img_path"].split("/")[0] for split in meta.values() if isinstance(split, dict)
                        for items in split.values() for it in items}):
-        (linked / top).symlink_to((root / top).resolve(), target_is_directory=True)
+        link = linked / top
+        if link.is_symlink():
+            link.unlink()
+        link.symlink_to((root / top).resolve(), target_is_directory=True)
     write_meta(linked, meta)
     return linked, meta
 
@@ -248,10 +252,9 @@ def main(argv=None) -> int:
     def work():
         test_script = _script("test")
         with tempfile.TemporaryDirectory(prefix="real_photos_") as tmp:
-            work_dir = Path(tmp)
             if a.results_root is None:
-                a.results_root = work_dir / "results"
-            data_root, meta = prepare_dataset(a.data_root.resolve(), a.quick, work_dir)
+                a.results_root = Path(tmp) / "results"
+            data_root, meta = prepare_dataset(a.data_root.resolve(), a.quick, a.results_root.resolve() / "_dataset")
             categories = sorted(meta["test"])
             rows = build_rows(a.methods, a.ablations, a.checkpoint, a.backbone, a.pretrained, categories)
             dataset = a.data_root.resolve().name + ("_quick" if a.quick else "")

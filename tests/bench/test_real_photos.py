@@ -91,3 +91,15 @@ def test_a_checkpoint_is_a_row(generated, trained, capsys):
                              "tiny_clip", "--checkpoint", f"fdsl={trained}"]) == 0
     rows = table_rows(capsys.readouterr().out)
     assert ("candle", 1, "fdsl") in rows and ("mean", 1, "knn") in rows
+
+
+@needs_weights
+def test_a_kept_results_folder_is_reused_by_a_rerun(generated, tmp_path, capsys):
+    args = [str(generated), "--quick", "--methods", "knn", "--no-ablations", "--results-root", str(tmp_path / "r")]
+    assert real_photos.main(args) == 0
+    first = capsys.readouterr().out
+    metrics = sorted((tmp_path / "r").glob("knn/*/1shot/seed0/metrics.json"))
+    assert len(metrics) == 1
+    stamp = metrics[0].stat().st_mtime_ns
+    assert real_photos.main(args) == 0
+    assert metrics[0].stat().st_mtime_ns == stamp and capsys.readouterr().out == first
