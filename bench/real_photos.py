@@ -134,12 +134,32 @@ def build_rows(methods: list[str] | None, ablations: bool, checkpoints: list[str
     return rows
 
 
+def select_rows(rows: list[Row], labels: list[str] | None) -> list[Row]:
+    """Only the rows named (--rows); one whose twin is left out runs on its own."""
+    if not labels:
+        return rows
+    unknown = [l for l in labels if l not in {r.label for r in rows}]
+    if unknown:
+        raise ValueError(f"--rows {unknown}: the rows are {', '.join(r.label for r in rows)}")
+    kept = [r for r in rows if r.label in labels]
+    for r in kept:
+        if r.same_as not in labels:
+            r.same_as = None
+    return kept
+
+
 # --------------------------------------------------------------------------- #
 # runs
 # --------------------------------------------------------------------------- #
-def run_one(test_script, row: Row, data_root: Path, dataset: str, k: int, seed: int, a) -> dict:
-    """test.py's evaluate for one row, k and seed; returns its metrics.json."""
+def run_one(test_script, row: Row, data_root: Path, dataset: str, k: int, seed: int, a) -> dict | None:
+    """test.py's evaluate for one row, k and seed; returns its metrics.json (--report-only: that of a
+    finished run, None when there is none)."""
+    from utils import report
     from utils.config import TestConfig
+
+    if a.report_only:
+        folder = report.run_dir(a.results_root, row.label, dataset, k, seed)
+        return json.loads((folder / "metrics.json").read_text()) if report.is_run_complete(folder) else None
 
     trained = bool(row.checkpoint)
     cfg = TestConfig(data_root=str(data_root), dataset=dataset, checkpoint=row.checkpoint,
@@ -189,7 +209,7 @@ def table(results: dict, rows: list[Row], categories: list[str], ks: list[int]) 
     """results[(label, k)] = list of metrics.json (one per seed)."""
     from tabulate import tabulate
 
-    head = ["category", "k", "method"] + [h for _, h in METRICS] + ["s/image", "x knn", "peak MiB", "bank MiB"]
+    head = ["category", "k", "method", "seeds"] + [h for _, h in METRICS] + ["s/image", "x knn", "peak MiB", "bank MiB"]
     out = []
     for cls in categories + (["mean"] if len(categories) > 1 else []):
         for k in ks:
@@ -207,7 +227,7 @@ def table(results: dict, rows: list[Row], categories: list[str], ks: list[int]) 
                 peak = max(i.get("peak_memory_mib", float("nan")) for i in info)
                 bank = max(i.get("bank_bytes", 0) + i.get("window_bank_bytes", 0) for i in info) / 2 ** 20
                 label = row.label + (f" (= {row.same_as})" if row.same_as else "")
-                out.append([cls, str(k), label] + [_mean_std(metric[key]) for key, _ in METRICS]
+                out.append([cls, str(k), label, str(len(runs))] + [_mean_std(metric[key]) for key, _ in METRICS]
                            + [f"{sec:.3f}", f"{sec / base:.2f}" if base else "", f"{peak:.0f}", f"{bank:.1f}"])
     return tabulate(out, headers=head, tablefmt="github", disable_numparse=True)
 
@@ -223,6 +243,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default: %(default)s)")
     p.add_argument("--methods", nargs="+", default=None, help="training-free methods (default: all registered)")
     p.add_argument("--no-ablations", dest="ablations", action="store_false", help="leave out the ablation rows")
+    p.add_argument("--rows", nargs="+", default=None, metavar="LABEL", help="only these rows, e.g. knn anomalydino "
+                   "knn-aug (default: all)")
+    p.add_argument("--report-only", action="store_true", help="run nothing: the table of the runs already "
+                   "finished in --results-root (the seeds column says how many)")
     p.add_argument("--backbone", default="efficientnet_lite0", help="backbone of the training-free rows "
                    "(default: %(default)s)")
     p.add_argument("--pretrained", default=None, help="its weights (default: the backbone config's)")
@@ -237,6 +261,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "folder, deleted at the end)")
     p.add_argument("--out", type=Path, default=None, help="also write the table (markdown) to this file")
     a = p.parse_args(argv)
+    if a.report_only and a.results_root is None:
+        p.error("--report-only reads a kept --results-root")
     if a.quick:
         a.k, a.seeds = [1], [0]
     return a
@@ -256,7 +282,8 @@ def main(argv=None) -> int:
                 a.results_root = Path(tmp) / "results"
             data_root, meta = prepare_dataset(a.data_root.resolve(), a.quick, a.results_root.resolve() / "_dataset")
             categories = sorted(meta["test"])
-            rows = build_rows(a.methods, a.ablations, a.checkpoint, a.backbone, a.pretrained, categories)
+            rows = select_rows(build_rows(a.methods, a.ablations, a.checkpoint, a.backbone, a.pretrained, categories),
+                               a.rows)
             dataset = a.data_root.resolve().name + ("_quick" if a.quick else "")
             results = {}
             warm_up(a)
@@ -266,9 +293,11 @@ def main(argv=None) -> int:
                     continue
                 for k in a.k:
                     for seed in a.seeds:
-                        print(f"[{time.time() - t0:6.0f} s] {dataset} {row.label} k={k} seed={seed}", file=sys.stderr)
-                        results.setdefault((row.label, k), []).append(run_one(test_script, row, data_root, dataset,
-                                                                               k, seed, a))
+                        if not a.report_only:
+                            print(f"[{time.time() - t0:6.0f} s] {dataset} {row.label} k={k} seed={seed}", file=sys.stderr)
+                        found = run_one(test_script, row, data_root, dataset, k, seed, a)
+                        if found is not None:
+                            results.setdefault((row.label, k), []).append(found)
             text = (f"# {dataset}: {', '.join(categories)}\n\n"
                     f"Training-free rows on {a.backbone} (weights: {a.pretrained or 'the config default'}), "
                     f"eval size {a.eval_size}, image index {a.image_index}, {a.device}, {a.precision}, seeds {a.seeds}, "

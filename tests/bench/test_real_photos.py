@@ -22,8 +22,8 @@ def table_rows(text: str) -> dict:
     rows = {}
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 11 and cells[1].isdigit():
-            rows[(cells[0], int(cells[1]), cells[2])] = cells[3:]
+        if len(cells) == 12 and cells[1].isdigit():
+            rows[(cells[0], int(cells[1]), cells[2])] = cells[4:]
     return rows
 
 
@@ -61,6 +61,9 @@ def test_rows_whose_parameters_act_the_same_share_one_run():
     assert rows["anomalydino-no_mask"] == "anomalydino"
     assert rows["anomalydino-no_aug"] == "knn-top1p" and rows["anomalydino-max_score"] == "knn-aug"
     assert rows["anomalydino-mask_all"] is None and rows["knn-mask"] is None
+    alone = real_photos.select_rows(real_photos.build_rows(None, True, [], "efficientnet_lite0", None, ["magnetic_tile"]),
+                                    ["knn", "anomalydino-no_aug"])
+    assert [(r.label, r.same_as) for r in alone] == [("knn", None), ("anomalydino-no_aug", None)]
     masked = {r.label: r.same_as for r in real_photos.build_rows(None, True, [], "efficientnet_lite0", None, ["screw"])}
     assert masked["anomalydino-mask_all"] == "anomalydino" and masked["anomalydino-no_mask"] is None
 
@@ -103,3 +106,8 @@ def test_a_kept_results_folder_is_reused_by_a_rerun(generated, tmp_path, capsys)
     stamp = metrics[0].stat().st_mtime_ns
     assert real_photos.main(args) == 0
     assert metrics[0].stat().st_mtime_ns == stamp and capsys.readouterr().out == first
+    # the table of what is there, running nothing: only the knn row has runs
+    assert real_photos.main([str(generated), "--quick", "--rows", "knn", "anomalydino", "--report-only",
+                             "--results-root", str(tmp_path / "r")]) == 0
+    assert set(table_rows(capsys.readouterr().out)) == {(c, 1, "knn") for c in ("candle", "tiles", "mean")}
+    assert len(sorted((tmp_path / "r").glob("anomalydino"))) == 0
