@@ -6,9 +6,9 @@
 folder, tab-separated, without running anything.
 
 Train on MVTec AD -> test on VisA; train on VisA -> test on MVTec AD. The method (METHOD=fdsl,
-dcpsfr or knn), paths, backbone and schedule come from environment variables (README,
+dcpsfr, knn or anomalydino), paths, backbone and schedule come from environment variables (README,
 "Launchers"), so the nine positional arguments stay those of the authors' scripts. A
-training-free method (knn) skips training and is tested on both datasets.
+training-free method (knn, anomalydino) skips training and is tested on both datasets.
 
 Folders: the heads go to results/<model_name>/checkpoints/train_<dataset>_<method tag>[_<precision>]/
 seed<train seed>/, shared by every test configuration of those heads; results go to
@@ -297,7 +297,9 @@ def test_config(launch: Launch, plan: MethodPlan, train_set: DatasetSpec, test_s
                       precision=precision(launch), workers=_env_int("WORKERS", 0),
                       # trained: None = what the checkpoint was trained with (e.g. weights at another path
                       # here); training-free: the method config's unless set
-                      backbone=_env("BACKBONE"), pretrained=_env("PRETRAINED"), image_size=_env_int("IMAGE_SIZE"))
+                      backbone=_env("BACKBONE"), pretrained=_env("PRETRAINED"), image_size=_env_int("IMAGE_SIZE"),
+                      # a training-free method's parameters (ABLATION) reach the test; trained ones are in the checkpoint
+                      params={} if trained else dict(plan.request.params))
 
 
 def _script(name: str):

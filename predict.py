@@ -5,6 +5,7 @@
     python predict.py --checkpoint CKPT --refs REF_DIR --images PHOTOS --out OUT \\
         --threshold-from results/NAME/DATASET/1shot/seed0 --category candle
     python predict.py --method knn --backbone tiny_clip --refs REF_DIR --images PHOTOS --out OUT  # training-free
+    python predict.py --method anomalydino --category screw --refs REF_DIR --images PHOTOS --out OUT  # masks screws
 
 Writes to OUT, per query photo, <name>_overlay.png (the photo at its own size with the anomaly map
 blended in) and, with a threshold, <name>_mask.png (white = map >= threshold); then predictions.csv
@@ -42,7 +43,7 @@ from methods import list_methods, load_method_config
 from methods.base import InferenceOptions, Method
 from methods.checkpoint import build_method, read_checkpoint
 from utils.cli import run_cli
-from utils.config import IMAGE_INDEX, PRECISIONS, WINMODES, check_image_size, resolve_device
+from utils.config import IMAGE_INDEX, PRECISIONS, WINMODES, check_image_size, parse_params, resolve_device
 from utils.html import predictions_page
 from utils.io import atomic_write_json, atomic_write_text, read_json
 from utils.visualize import DEFAULT_ALPHA, DEFAULT_COLORMAP, ColourScale, binary_mask, overlay, save_png
@@ -199,6 +200,10 @@ def settings_differences(run_config: dict, method: Method, settings: dict, check
     for key in ("backbones", "image_size"):
         if key in stored and stored[key] != method.config.get(key):
             diff.append(key)
+    params = [k for k in method.config if k not in ("method", "backbones", "image_size", "training", "description")]
+    changed = [k for k in params if k in stored and stored[k] != method.config[k]]
+    if changed:
+        diff.append(f"method parameters ({', '.join(changed)})")
     ck = run.get("checkpoint") or ""
     if "checkpoint" in run and (bool(ck) != bool(checkpoint)
                                 or (ck and Path(ck).resolve() != Path(checkpoint).resolve())):
@@ -249,13 +254,13 @@ def _tensor(arr: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
-def fit_references(method: Method, paths: list[Path], batch_size: int):
+def fit_references(method: Method, paths: list[Path], batch_size: int, category: str | None = None):
     """The reference state from the k photos, read in batches (an unreadable reference is an error:
-    without it the run would silently use fewer references than asked)."""
+    without it the run would silently use fewer references than asked); `category` names the product."""
     chunks = []
     for s in range(0, len(paths), batch_size):
         chunks.append(torch.stack([_tensor(read_image(p, method.image_size)[0]) for p in paths[s:s + batch_size]]))
-    return method.fit(torch.cat(chunks), [str(p) for p in paths], batch_size)
+    return method.fit(torch.cat(chunks), [str(p) for p in paths], batch_size, category=category)
 
 
 # --------------------------------------------------------------------------- #
@@ -291,12 +296,14 @@ def predict(args) -> Path:
     check_image_size(args.image_size)
     if args.threshold is not None and args.threshold_from:
         raise ValueError("--threshold and --threshold-from exclude each other: give a value or a results folder")
-    if args.category and not args.threshold_from:
-        raise ValueError("--category picks the category of --threshold-from; it has no use without it")
+    params = parse_params(args.param)
     check_output_folder(args.out, args.refs, args.images)  # writable, and no input reads it back
     refs = distinct_references(collect_images(args.refs, "reference"))
     queries, skipped = split_off_references(collect_images(args.images, "query"), refs)  # a reference: not scored
     cls = method_class(args)
+    if args.category and not args.threshold_from and not hasattr(cls, "masks_category"):
+        raise ValueError(f"--category picks the category of --threshold-from (and for knn/anomalydino the product, "
+                         f"which decides their masking); it has no use for {cls.name} without --threshold-from")
     if args.threshold is not None:
         t = parse_number(args.threshold, "--threshold")
         threshold = Threshold(pixel=t, source="given", rule=f"map_max >= {t:.6g} (the mask is not empty)")
@@ -309,7 +316,7 @@ def predict(args) -> Path:
     device = resolve_device(args.device)
     torch.manual_seed(0)  # random-init parts are seeded by their configs; this fixes anything else
     method, ckpt = build_method(args.checkpoint, args.method, args.backbone, args.pretrained, args.image_size,
-                                device)
+                                device, params)
     method.configure(options)
     if threshold.run_config is not None:
         settings = {"k_shot": len(refs), **{k: getattr(options, k) for k in RUN_SETTINGS if k != "k_shot"}}
@@ -319,7 +326,8 @@ def predict(args) -> Path:
                                       f"on another scale")
     for w in threshold.warnings:
         print(f"predict.py: warning: {w}", file=sys.stderr)
-    state = fit_references(method, refs, args.batch_size)
+    category = args.category or threshold.category
+    state = fit_references(method, refs, args.batch_size, category)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -367,6 +375,8 @@ def predict(args) -> Path:
         "device": str(device),
         "batch_size": args.batch_size,
         "references": [str(p) for p in refs],
+        "category": category,
+        "method_parameters": params,
         "score": ("the method's per-photo score (Method.predict); independent of the other photos"
                   + (f"; {method.name}'s evaluation score in test.py also min-max normalises the map maximum "
                      f"over the scored set, which a single photo has not" if set_relative(method) else "")),
@@ -434,13 +444,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "i_f1_threshold for the anomalous column, where that is on the per-photo scale (knn, "
                         "dcpsfr); for fdsl, whose evaluation score is set-normalised, a photo is anomalous when "
                         "its map maximum reaches p_f1_threshold")
-    p.add_argument("--category", default=None, help="the category of --threshold-from when the run has several")
+    p.add_argument("--category", default=None, help="the category of --threshold-from when the run has several; "
+                   "for knn and anomalydino also the product, which decides whether test patches are "
+                   "foreground-masked (anomalydino: capsule, screw, ... see its mask_categories)")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=JSON", help="parameter of a training-free "
+                   "method, e.g. --param masking=off (repeatable; default: the method config's)")
     p.add_argument("--backbone", default=None, help="backbone config(s), NAME or role=NAME,...: must match the "
                    "checkpoint's, or choose a training-free method's")
     p.add_argument("--pretrained", default=None, help="weights tag or local file, same syntax")
     p.add_argument("--image-size", type=int, default=None, help="input side in pixels (default: the checkpoint's); "
                    "every photo is squashed to this square, as in training")
-    p.add_argument("--winmode", default=d.winmode, choices=WINMODES, help="LFE windows (fdsl, knn): nan, mul, onlywin")
+    p.add_argument("--winmode", default=d.winmode, choices=WINMODES, help="LFE windows (fdsl, knn, anomalydino): nan, mul, onlywin")
     p.add_argument("--win-size", type=int, default=d.win_size, help="window side in patches")
     p.add_argument("--win-stride", type=int, default=d.win_stride, help="window stride in patches")
     p.add_argument("--win-weight", type=float, default=d.win_weight)

@@ -2,6 +2,7 @@
 
     python test.py --data-root DIR --dataset visa --checkpoint CKPT --k-shot 1 --seed 0
     python test.py --data-root DIR --dataset visa --method knn --backbone tiny_clip   # training-free
+    python test.py --data-root DIR --method knn --param top_percent=1 --param 'rotations=[0,90,180,270]'
 
 Writes results/<model_name>/<dataset>/<k>shot/seed<s>/{config.json, metrics.json, table.md}
 and skips a run whose metrics.json already exists (use --force to redo it). The results folder is
@@ -30,12 +31,13 @@ from methods.checkpoint import build_method, read_checkpoint
 from models.backbones import PRECISIONS
 from utils import distributed, report
 from utils.cli import error_report, run_cli
-from utils.config import (MethodConfig, TestConfig, as_json, differing_keys, effective_test_settings,
+from utils.config import (MethodConfig, TestConfig, as_json, differing_keys, effective_test_settings, parse_params,
                           precision_difference, resolve_device, to_dict, validate_test)
 from utils.device import loader_options, synchronize, to_host
 from utils.io import OutputError, atomic_write_json, check_writable, read_json
 from utils.lock import RunLock
 from utils.metrics import compute_category_metrics
+from utils.peak_memory import peak_mib, reset_peak
 
 log = logging.getLogger("fsad.test")
 
@@ -97,7 +99,8 @@ def evaluate_category(method: Method, cfg: TestConfig, root: Path, meta: dict, c
                       run_dir: Path | None = None) -> tuple[dict, dict]:
     refs = select_k_shot(meta, cls, cfg.k_shot, cfg.seed)
     ref_images = torch.stack([load_image(root / it["img_path"], method.image_size) for it in refs])
-    state = method.fit(ref_images, [it["img_path"] for it in refs], cfg.batch_size)
+    reset_peak(method.device)
+    state = method.fit(ref_images, [it["img_path"] for it in refs], cfg.batch_size, category=cls)
 
     items = meta["test"][cls]
     out_size = _mask_size(root, items, cfg.eval_size)
@@ -114,6 +117,7 @@ def evaluate_category(method: Method, cfg: TestConfig, root: Path, meta: dict, c
         has_mask.append(batch["has_mask"])
     synchronize(method.device)  # the copies above are complete from here on
     seconds = time.perf_counter() - t0
+    peak = peak_mib(method.device)
     maps_t = torch.cat(maps)
     scores = method.image_scores(torch.cat(raw_scores), maps_t)
     # image metrics over all images; pixel metrics over the images with a mask (normal ones count:
@@ -124,7 +128,8 @@ def evaluate_category(method: Method, cfg: TestConfig, root: Path, meta: dict, c
     metrics = compute_category_metrics(labels_np, scores_np, masks_np, maps_np, fpr_limit=cfg.fpr_limit)
     info = {"references": [it["img_path"] for it in refs], "n_test": len(items),
             "n_pixel_eval": int(masked.sum()), "n_missing_masks": int((~masked).sum()),
-            "seconds_per_image": seconds / max(len(items), 1), **method.state_nbytes(state)}
+            "seconds_per_image": seconds / max(len(items), 1), "peak_memory_mib": peak,
+            **method.state_info(state)}
     if cfg.save_images and run_dir is not None:
         save_category_images(run_dir, cls, ds, metrics, labels_np, scores_np, masks_np, maps_np,
                              maps_t.numpy(), masked, cfg)
@@ -143,7 +148,7 @@ def missing_masks_note(info: dict) -> str | None:
 
 # Settings that change numbers; a finished run with other values must not be taken as done.
 RESULT_KEYS = ("data_root", "checkpoint", "method", "classes", "winmode", "win_size", "win_stride", "win_weight",
-               "image_index", "eval_size", "fpr_limit", "backbone", "pretrained", "image_size", "precision")
+               "image_index", "eval_size", "fpr_limit", "backbone", "pretrained", "image_size", "precision", "params")
 
 
 def stored_method(config: dict) -> str:
@@ -158,7 +163,7 @@ def requested_method(cfg: TestConfig) -> str:
     if not cfg.method:
         raise ValueError(f"pass --checkpoint (a trained method) or --method for a training-free one "
                          f"(known methods: {', '.join(list_methods())})")
-    return resolve_method_config(MethodConfig(name=cfg.method))["method"]
+    return resolve_method_config(MethodConfig(name=cfg.method, params=cfg.params))["method"]
 
 
 # What a refused results folder can be answered with, from test.py and from the launchers alike
@@ -175,8 +180,8 @@ def _finished(run_dir: Path, cfg: TestConfig, method_name: str, training: tuple[
         raise ValueError(f"{run_dir} holds results of method '{stored_method(stored)}', not '{method_name}'; "
                          f"{REUSE_HINT}")
     # settings the winmode ignores are not compared (nan with other window sizes: the same numbers);
-    # runs from before --precision existed were fp32
-    stored_test = {"precision": "fp32", **stored.get("test", {})}
+    # runs from before --precision existed were fp32, from before --param without parameters
+    stored_test = {"precision": "fp32", "params": {}, **stored.get("test", {})}
     current = {**to_dict(cfg), "precision": run_precision(cfg)}
     diff = differing_keys(effective_test_settings(stored_test), effective_test_settings(current), RESULT_KEYS)
     if training is None and cfg.checkpoint and Path(cfg.checkpoint).is_file():
@@ -269,7 +274,7 @@ def _evaluate_locked(cfg: TestConfig, run_dir: Path, device: torch.device) -> Pa
     try:
         torch.manual_seed(cfg.seed)
         method, ckpt = build_method(cfg.checkpoint, cfg.method, cfg.backbone, cfg.pretrained, cfg.image_size,
-                                    device)
+                                    device, cfg.params)
         method.configure(inference_options(cfg))
         per_category, info = {}, {}
         log.info("method %s, checkpoint %s (epoch %s), %d categories", method.name, cfg.checkpoint or "none",
@@ -319,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", default=d.model_name, help="results folder name (default: the method's name, "
                    f"e.g. {', '.join(list_methods())})")
     p.add_argument("--classes", nargs="*", default=None, help="categories to test (default: all)")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=JSON", help="parameter of a training-free "
+                   "method, e.g. --param top_percent=1 (repeatable; a checkpoint's are fixed by training; default: "
+                   "the method config's)")
     p.add_argument("--backbone", default=None, help="backbone config(s), NAME or role=NAME,...: override the "
                    "checkpoint's (must match it) or choose a training-free method's (default: the checkpoint's, "
                    "else the method config's)")
@@ -365,6 +373,7 @@ def parse_args(argv=None) -> tuple[TestConfig, bool]:
     p = build_parser()
     a = vars(p.parse_args(argv))
     force = a.pop("force")
+    a["params"] = parse_params(a.pop("param"))
     return TestConfig(**a), force
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import re
 import sys
@@ -30,8 +29,8 @@ from methods.checkpoint import DamagedCheckpointError, check_backbones, checkpoi
 from models.backbones import PRECISIONS
 from utils import distributed
 from utils.cli import error_report, run_cli
-from utils.config import (MethodConfig, TrainConfig, differing_keys, precision_difference, resolve_device, to_dict,
-                          validate_train)
+from utils.config import (MethodConfig, TrainConfig, differing_keys, parse_params, precision_difference,  # noqa: F401
+                          resolve_device, to_dict, validate_train)
 from utils.device import to_device
 from utils.io import atomic_torch_save, atomic_write_json, check_writable
 from utils.lock import RunLock
@@ -225,20 +224,6 @@ def _fit(cfg: TrainConfig, method_cfg: dict, device, out_dir: Path, root: Path, 
             log.info("epoch %d/%d loss %.4f -> %s", epoch + 1, cfg.epochs, mean_loss, path)
         distributed.barrier()  # no rank reads a checkpoint before rank 0 has written it
     return checkpoint_path(out_dir, cfg.epochs)
-
-
-def parse_params(items: list[str]) -> dict:
-    """['use_nam=false', 'lam=0.5'] -> {'use_nam': False, 'lam': 0.5} (values are JSON, else strings)."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--param '{item}': expected KEY=VALUE")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from methods.anomalydino import AnomalyDINOMethod
 from methods.base import InferenceOptions, Method
 from methods.dcpsfr import DCPSFRMethod
 from methods.fdsl import FDSLMethod
@@ -21,7 +22,7 @@ from methods.knn import KNNMethod
 from models.backbones import create_backbone, load_backbone_config
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (FDSLMethod, DCPSFRMethod, KNNMethod)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (FDSLMethod, DCPSFRMethod, KNNMethod, AnomalyDINOMethod)}
 
 
 def register(cls: type[Method]) -> type[Method]:

@@ -3,7 +3,7 @@
 A method is an `nn.Module` that holds its frozen backbones (by role, e.g. "clip", "dino") and its
 trainable part (`heads`, or None for training-free methods). Its surface:
 
-    fit(ref_images, sources)        -> per-category reference state (banks, means, ...)
+    fit(ref_images, sources, category=...) -> per-category reference state (banks, means, ...)
     loss(batch, states)             -> training loss for one batch (trainable methods)
     predict(images, state, size)    -> anomaly maps (B, H, W) and raw image scores (B,)
     image_scores(scores, maps)      -> final image scores of one category's test images
@@ -105,7 +105,7 @@ class Method(nn.Module):
     def configure(self, options: InferenceOptions) -> None:
         if options.winmode != "nan":
             raise ValueError(f"method '{self.name}' scores whole images only; winmode '{options.winmode}' "
-                             f"(LFE windows) is available for fdsl and knn; use winmode nan")
+                             f"(LFE windows) is available for fdsl, knn and anomalydino; use winmode nan")
         if options.precision is not None:
             self.set_precision(options.precision)
         self.options = options
@@ -117,7 +117,10 @@ class Method(nn.Module):
         backbone = self.backbones[role]
         return [backbone(images[s:s + batch_size].to(self.device)) for s in range(0, images.shape[0], batch_size)]
 
-    def fit(self, images: torch.Tensor, sources: Sequence[str] = ()) -> Any:
+    def fit(self, images: torch.Tensor, sources: Sequence[str] = (), batch_size: int = 8, *,
+            category: str | None = None) -> Any:
+        """`category`: the product's name where known (test.py: the dataset category; predict.py:
+        --category), for methods whose behaviour depends on it (anomalydino's masking)."""
         raise NotImplementedError
 
     def loss(self, batch: dict, states: Sequence[Any]) -> torch.Tensor:
@@ -133,3 +136,8 @@ class Method(nn.Module):
     def state_nbytes(self, state: Any) -> dict[str, int]:
         """Bytes held per category (reported in metrics.json)."""
         return {}
+
+    def state_info(self, state: Any) -> dict:
+        """What metrics.json reports about a category's reference state: its bytes, and what a method
+        decided per category (anomalydino: whether its test patches are foreground-masked)."""
+        return self.state_nbytes(state)

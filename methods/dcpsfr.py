@@ -65,7 +65,8 @@ class DCPSFRMethod(Method):
     def checkpoint_tag(cls, config: dict) -> str:
         return cls.name
 
-    def fit(self, images: torch.Tensor, sources: Sequence[str] = (), batch_size: int = 8) -> DCPSFRReference:
+    def fit(self, images: torch.Tensor, sources: Sequence[str] = (), batch_size: int = 8, *,
+            category: str | None = None) -> DCPSFRReference:
         outs = self.encode(images, "dino", batch_size)
         tokens = torch.cat([o.patch_tokens[-1] for o in outs])
         cls_tokens = torch.cat([o.global_embedding for o in outs])

@@ -1,8 +1,9 @@
-"""Methods that score each query patch against its nearest reference patch (FDSL, knn).
+"""Methods that score each query patch against its nearest reference patch (FDSL, knn, anomalydino).
 
 They share the reference state (whole-image bank, optional LFE window bank), the whole-image
-path, the window path (models/lfe.py) and the blend; a subclass only says how aligned tokens
-become per-layer anomaly maps and how a stitched window map is refined.
+path, the window path (models/lfe.py) and the blend; a subclass says how aligned tokens become
+per-layer anomaly maps and how a stitched window map is refined, and may mask patches and choose
+the image score (hooks `needs_mask`, `patch_mask`, `score_maps`: methods/knn.py).
 """
 from __future__ import annotations
 
@@ -76,30 +77,53 @@ class PatchMatchingMethod(Method):
         bank.sources = list(sources)
         return bank
 
-    def fit(self, images: torch.Tensor, sources: Sequence[str] = (), batch_size: int = 8) -> PatchState:
+    def fit(self, images: torch.Tensor, sources: Sequence[str] = (), batch_size: int = 8, *,
+            category: str | None = None) -> PatchState:
         bank = self.build_bank(images, sources, batch_size)
         return PatchState(bank, self.windows.build_bank(images) if self.windows is not None else None)
+
+    # -- hooks of the training-free ingredients (knn, anomalydino); the defaults are FDSL's path -----
+    def patch_mask(self, feats: BackboneOutput, state: PatchState) -> Optional[torch.Tensor]:
+        """(B, h, w) bool patches to score, from the whole image's features; None = all of them."""
+        return None
+
+    def needs_mask(self, state: PatchState) -> bool:
+        return False
+
+    def score_maps(self, layer_maps: torch.Tensor, out_size: tuple[int, int],
+                   keep: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L, B, h, w) layer maps -> (map, score); patches outside `keep` score 0."""
+        if keep is not None:
+            layer_maps = layer_maps * keep.to(layer_maps.dtype)
+        return maps_and_scores(layer_maps, out_size)
+
+    # -- prediction ---------------------------------------------------------------------------------
+    def whole_maps(self, feats: BackboneOutput, bank: ReferenceBank, use_image_index: bool = False) -> torch.Tensor:
+        aligned = align_to_banks(feats.patch_tokens, [bank] * feats.patch_tokens[0].shape[0],
+                                 feats.global_embedding, use_image_index)
+        return self.whole_layer_maps(feats, aligned)
 
     @torch.no_grad()
     @in_eval_mode  # BatchNorm in the heads: running statistics whatever mode the caller left
     def predict_whole(self, images: torch.Tensor, bank: ReferenceBank, out_size: tuple[int, int],
                       use_image_index: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Whole-image path: anomaly maps (B, *out_size) and scores (B,)."""
-        feats = self.backbone(images)
-        aligned = align_to_banks(feats.patch_tokens, [bank] * images.shape[0], feats.global_embedding,
-                                 use_image_index)
-        return maps_and_scores(self.whole_layer_maps(feats, aligned), out_size)
+        return self.score_maps(self.whole_maps(self.backbone(images), bank, use_image_index), out_size)
 
     @torch.no_grad()
     @in_eval_mode
     def predict(self, images: torch.Tensor, state: PatchState, out_size: tuple[int, int]):
         o = self.options
+        whole = o.winmode != "onlywin"  # the whole-image result would be discarded by blend
+        feats = self.backbone(images) if whole or self.needs_mask(state) else None
+        keep = self.patch_mask(feats, state) if self.needs_mask(state) else None
         whole_map = whole_score = None
-        if o.winmode != "onlywin":  # the whole-image result would be discarded by blend
-            whole_map, whole_score = self.predict_whole(images, state.bank, out_size, o.image_index == "all")
+        if whole:
+            whole_map, whole_score = self.score_maps(self.whole_maps(feats, state.bank, o.image_index == "all"),
+                                                     out_size, keep)
         if self.windows is None:
             return whole_map, whole_score
-        win_map, win_score = self.windows.predict(images, out_size, state.window_bank)
+        win_map, win_score = self.score_maps(self.windows.window_layer_maps(images, state.window_bank), out_size, keep)
         return blend(o.winmode, o.win_weight, whole_map, whole_score, win_map, win_score)
 
     def state_nbytes(self, state: PatchState) -> dict[str, int]:

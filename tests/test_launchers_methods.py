@@ -67,6 +67,23 @@ def test_dcpsfr_ablations_land_in_their_own_folders(env):
     assert not any(Path(env["RESULTS_ROOT"]).glob("w*"))  # refused before any training
 
 
+@pytest.mark.slow
+def test_anomalydino_and_knn_ablations_are_training_free(env):
+    tiny = {**env, "FSAD_BACKBONE": "tiny_dinov2", "FSAD_IMAGE_SIZE": "112"}
+    done = run("trainAndTest.sh", {**tiny, "METHOD": "anomalydino"}, args=["ad", *ARGS[1:]])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not (Path(env["RESULTS_ROOT"]) / "ad" / "checkpoints").exists()
+    for dataset in ("a", "b"):
+        config = json.loads((Path(env["RESULTS_ROOT"]) / "ad_nan" / dataset / "1shot" / "seed0" / "config.json").read_text())
+        assert config["method"]["method"] == "anomalydino" and config["method"]["top_percent"] == 1.0
+    # a knn ablation's parameters reach the test, and its results have their own folder
+    done = run("trainAndTest.sh", {**tiny, "METHOD": "knn", "ABLATION": "aug"}, args=["kn", *ARGS[1:]])
+    assert done.returncode == 0, done.stderr[-3000:]
+    config = json.loads((Path(env["RESULTS_ROOT"]) / "kn-aug_nan" / "b" / "1shot" / "seed0" / "config.json").read_text())
+    assert config["test"]["params"] == {"rotations": [0, 45, 90, 135, 180, 225, 270, 315]}
+    assert config["method"]["rotations"] == config["test"]["params"]["rotations"]
+
+
 def test_unknown_method_is_named(env):
     bad = run("trainAndTest.sh", {**env, "METHOD": "patchcore"})
-    assert bad.returncode == 2 and "METHOD" in bad.stderr and "dcpsfr, fdsl, knn" in bad.stderr
+    assert bad.returncode == 2 and "METHOD" in bad.stderr and "anomalydino, dcpsfr, fdsl, knn" in bad.stderr

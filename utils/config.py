@@ -19,7 +19,7 @@ IMAGE_INDEX = ("off", "windows", "all")
 @dataclass
 class MethodConfig:
     """Which method, and what to change from its JSON config (methods/configs/<name>.json)."""
-    name: str = "fdsl"  # fdsl | dcpsfr | knn, or a path to a method JSON
+    name: str = "fdsl"  # fdsl | dcpsfr | knn | anomalydino, or a path to a method JSON
     # None = the method config's backbones; "NAME" replaces its first backbone, "role=NAME,..." any
     backbone: str | None = None
     pretrained: str | None = None  # weights tag or local file, same syntax; None = each backbone config's
@@ -79,6 +79,23 @@ class TestConfig:
     precision: str = "auto"  # backbone autocast: auto|fp32|bf16|fp16; a run records the resolved value
     workers: int = 0  # DataLoader workers reading test images
     save_images: int = 0  # per category, panels of the N most wrong normal/anomalous images; -1 = all, 0 = off
+    # training-free methods: parameter overrides of the method config (a checkpoint's are fixed by training)
+    params: dict = field(default_factory=dict)
+
+
+def parse_params(items: list[str]) -> dict:
+    """--param values ['use_nam=false', 'lam=0.5'] -> {'use_nam': False, 'lam': 0.5} (values are JSON,
+    else strings)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--param '{item}': expected KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def check_int(value, option: str, minimum: int, optional: bool = False) -> None:
@@ -154,6 +171,11 @@ def validate_test(cfg: TestConfig) -> None:
                          f"got '{cfg.precision}'")
     if str(cfg.precision).lower() == "fp16" and str(cfg.device).strip().lower() == "cpu":
         raise ValueError("precision fp16 is for CUDA GPUs without bf16; on CPU use bf16 or fp32")
+    if not isinstance(cfg.params, dict):
+        raise ValueError(f"params must be an object of method parameters, got {cfg.params!r}")
+    if cfg.params and cfg.checkpoint:
+        raise ValueError(f"--param {', '.join(sorted(cfg.params))}: parameters can be set for training-free methods "
+                         f"only; a checkpoint's method parameters are fixed by its training (train.py --param)")
 
 
 def resolve_device(device: str | int) -> torch.device:
