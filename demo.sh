@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Embedded default: the full cross-dataset protocol (train on one dataset, k-shot test on the
 # other, both ways) on two generated MVTec-layout datasets with tiny random-initialised backbones,
-# on the CPU, in about a minute on 2 cores. METHOD=fdsl (default), dcpsfr or knn; run several and
+# on the CPU, in about a minute on 2 cores. METHOD=fdsl (default), dcpsfr, knn or subspacead; run several and
 # the summary shows them side by side. Real data and weights: README.md, "Real datasets and weights".
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -15,6 +15,7 @@ export MVTEC_ROOT="$data/synth_mvtec" MVTEC_NAME=synth_mvtec
 export VISA_ROOT="$data/synth_visa" VISA_NAME=synth_visa
 case "$METHOD" in
   dcpsfr) tiny="clip=tiny_clip,dino=tiny_dinov2"; epochs=12; winmode=nan ;;  # DCP-SFR scores whole images
+  subspacead) tiny=tiny_dinov2; epochs=25; winmode=nan ;;  # training-free, DINOv2 features, whole images
   *) tiny=tiny_clip; epochs=25; winmode="${DEMO_WINMODE:-mul}" ;;
 esac
 export FSAD_BACKBONE="${FSAD_BACKBONE:-$tiny}"

@@ -3,9 +3,9 @@
     python launch.py {train_and_test|test} model_name device useNAM winmode win-size win-stride win-weight seed kshots
 
 Train on MVTec AD -> test on VisA; train on VisA -> test on MVTec AD. The method (METHOD=fdsl,
-dcpsfr or knn), paths, backbone and schedule come from environment variables (README,
+dcpsfr, knn or subspacead), paths, backbone and schedule come from environment variables (README,
 "Launchers"), so the nine positional arguments stay those of the authors' scripts. A
-training-free method (knn) skips training and is tested on both datasets.
+training-free method (knn, subspacead) skips training and is tested on both datasets.
 
 Folders: the heads go to results/<model_name>/checkpoints/train_<dataset>_<method tag>[_<precision>]/
 seed<train seed>/, shared by every test configuration of those heads; results go to
@@ -264,7 +264,9 @@ def train_config(launch: Launch, plan: MethodPlan, train_set: DatasetSpec) -> Tr
 def test_config(launch: Launch, plan: MethodPlan, train_set: DatasetSpec, test_set: DatasetSpec) -> TestConfig:
     trained = plan.cls.trainable
     ckpt = checkpoint_dir(launch, plan, train_set) / f"epoch_{epochs(plan, train_set)}.pth" if trained else ""
+    params = {} if trained else dict(plan.request.params)  # trained: the checkpoint holds them
     return TestConfig(data_root=test_set.root, dataset=test_set.name, checkpoint=str(ckpt), method=plan.request.name,
+                      method_params=params,
                       results_root=str(results_root()), model_name=results_folder(launch, plan), seed=launch.seed,
                       k_shot=launch.k_shot, **test_settings(launch),
                       batch_size=_env_int("BATCH_SIZE", 8), device=launch.device,

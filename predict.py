@@ -39,7 +39,7 @@ from methods import list_methods, load_method_config
 from methods.base import InferenceOptions, Method
 from methods.checkpoint import build_method, read_checkpoint
 from utils.cli import run_cli
-from utils.config import IMAGE_INDEX, PRECISIONS, WINMODES, resolve_device
+from utils.config import IMAGE_INDEX, PRECISIONS, WINMODES, parse_method_params, resolve_device
 from utils.io import atomic_write_json, atomic_write_text, read_json
 from utils.visualize import DEFAULT_ALPHA, DEFAULT_COLORMAP, ColourScale, binary_mask, overlay, save_png
 
@@ -302,7 +302,7 @@ def predict(args) -> Path:
     device = resolve_device(args.device)
     torch.manual_seed(0)  # random-init parts are seeded by their configs; this fixes anything else
     method, ckpt = build_method(args.checkpoint, args.method, args.backbone, args.pretrained, args.image_size,
-                                device)
+                                device, parse_method_params(args.param))
     method.configure(options)
     if threshold.run_config is not None:
         settings = {"k_shot": len(refs), **{k: getattr(options, k) for k in RUN_SETTINGS if k != "k_shot"}}
@@ -397,6 +397,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint", default="", help="epoch_N.pth written by train.py (not for training-free methods)")
     p.add_argument("--method", default=None, help=f"one of {', '.join(list_methods())}; with --checkpoint it must be "
                    f"the checkpoint's (default: the checkpoint's)")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="a training-free method's parameter over methods/configs/<method>.json, VALUE in JSON "
+                   "(a VALUE that is not JSON is a string), e.g. --param augment_count=0; repeatable")
     p.add_argument("--refs", nargs="+", required=True, metavar="DIR_OR_FILE",
                    help="the k normal reference photos: a folder (all its images) or files")
     p.add_argument("--images", nargs="+", required=True, metavar="DIR_GLOB_OR_FILE",
@@ -408,8 +411,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threshold-from", default=None, metavar="RESULTS_RUN_DIR",
                    help="a finished test.py results folder: its p_f1_threshold for the masks and its "
                         "i_f1_threshold for the anomalous column, where that is on the per-photo scale (knn, "
-                        "dcpsfr); for fdsl, whose evaluation score is set-normalised, a photo is anomalous when "
-                        "its map maximum reaches p_f1_threshold")
+                        "subspacead, dcpsfr); for fdsl, whose evaluation score is set-normalised, a photo is "
+                        "anomalous when its map maximum reaches p_f1_threshold")
     p.add_argument("--category", default=None, help="the category of --threshold-from when the run has several")
     p.add_argument("--backbone", default=None, help="backbone config(s), NAME or role=NAME,...: must match the "
                    "checkpoint's, or choose a training-free method's")

@@ -31,7 +31,7 @@ from models.backbones import PRECISIONS
 from utils import distributed, report
 from utils.cli import error_report, run_cli
 from utils.config import (MethodConfig, TestConfig, as_json, differing_keys, effective_test_settings,
-                          precision_difference, resolve_device, to_dict, validate_test)
+                          parse_method_params, precision_difference, resolve_device, to_dict, validate_test)
 from utils.device import loader_options, synchronize, to_host
 from utils.io import OutputError, check_writable, read_json
 from utils.lock import RunLock
@@ -141,8 +141,9 @@ def missing_masks_note(info: dict) -> str | None:
 
 
 # Settings that change numbers; a finished run with other values must not be taken as done.
-RESULT_KEYS = ("data_root", "checkpoint", "method", "classes", "winmode", "win_size", "win_stride", "win_weight",
-               "image_index", "eval_size", "fpr_limit", "backbone", "pretrained", "image_size", "precision")
+RESULT_KEYS = ("data_root", "checkpoint", "method", "method_params", "classes", "winmode", "win_size", "win_stride",
+               "win_weight", "image_index", "eval_size", "fpr_limit", "backbone", "pretrained", "image_size",
+               "precision")
 
 
 def stored_method(config: dict) -> str:
@@ -157,7 +158,7 @@ def requested_method(cfg: TestConfig) -> str:
     if not cfg.method:
         raise ValueError(f"pass --checkpoint (a trained method) or --method for a training-free one "
                          f"(known methods: {', '.join(list_methods())})")
-    return resolve_method_config(MethodConfig(name=cfg.method))["method"]
+    return resolve_method_config(MethodConfig(name=cfg.method, params=cfg.method_params))["method"]
 
 
 # What a refused results folder can be answered with, from test.py and from the launchers alike
@@ -175,7 +176,7 @@ def _finished(run_dir: Path, cfg: TestConfig, method_name: str, training: tuple[
                          f"{REUSE_HINT}")
     # settings the winmode ignores are not compared (nan with other window sizes: the same numbers);
     # runs from before --precision existed were fp32
-    stored_test = {"precision": "fp32", **stored.get("test", {})}
+    stored_test = {"precision": "fp32", "method_params": {}, **stored.get("test", {})}
     current = {**to_dict(cfg), "precision": run_precision(cfg)}
     diff = differing_keys(effective_test_settings(stored_test), effective_test_settings(current), RESULT_KEYS)
     if training is None and cfg.checkpoint and Path(cfg.checkpoint).is_file():
@@ -259,7 +260,7 @@ def _evaluate_locked(cfg: TestConfig, run_dir: Path, device: torch.device) -> Pa
     try:
         torch.manual_seed(cfg.seed)
         method, ckpt = build_method(cfg.checkpoint, cfg.method, cfg.backbone, cfg.pretrained, cfg.image_size,
-                                    device)
+                                    device, cfg.method_params)
         method.configure(inference_options(cfg))
         per_category, info = {}, {}
         log.info("method %s, checkpoint %s (epoch %s), %d categories", method.name, cfg.checkpoint or "none",
@@ -303,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "training-free methods)")
     p.add_argument("--method", default=None, help=f"one of {', '.join(list_methods())}; with --checkpoint it must "
                    f"be the checkpoint's method (default: the checkpoint's)")
+    p.add_argument("--param", dest="method_params", action="append", default=[], metavar="NAME=VALUE",
+                   help="a training-free method's parameter over methods/configs/<method>.json, VALUE in JSON "
+                   "(e.g. --param augment_count=0 --param feature_norm=l2: a VALUE that is not JSON is a string); "
+                   "repeatable (default: the method config's)")
     p.add_argument("--results-root", default=d.results_root, help="folder of all results (default: %(default)s)")
     p.add_argument("--model-name", default=d.model_name, help="results folder name (default: %(default)s)")
     p.add_argument("--classes", nargs="*", default=None, help="categories to test (default: all)")
@@ -352,7 +357,9 @@ def parse_args(argv=None) -> tuple[TestConfig, bool]:
     p = build_parser()
     a = vars(p.parse_args(argv))
     force = a.pop("force")
+    a["method_params"] = parse_method_params(a["method_params"])
     return TestConfig(**a), force
+
 
 
 def main(argv=None) -> int:

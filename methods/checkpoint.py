@@ -154,17 +154,21 @@ def load_method(path: str | Path, device="cpu", method: str | None = None, backb
 
 def build_method(checkpoint: str | Path | None, method: str | None = None, backbone: str | None = None,
                  pretrained: str | None = None, image_size: int | None = None,
-                 device="cpu") -> tuple[Method, dict]:
+                 device="cpu", params: dict | None = None) -> tuple[Method, dict]:
     """The method test.py and predict.py run, in eval mode: the checkpoint's trained method (checked
     against `method`/`backbone`, see load_method), or without a checkpoint a training-free `method`
     built from its config. The dict: the checkpoint, or for a training-free method {method,
-    method_config, backbones (signatures), epoch None, train_config {}}."""
+    method_config, backbones (signatures), epoch None, train_config {}}. `params`: a training-free
+    method's parameters over its config (a trained one keeps its checkpoint's: refused)."""
     if checkpoint:
+        if params:
+            raise ValueError(f"method parameters {sorted(params)} apply to training-free methods; a trained "
+                             f"method keeps those of its checkpoint {checkpoint}")
         return load_method(checkpoint, device, method, backbone, pretrained, image_size)
     from utils.config import MethodConfig
 
     method_cfg = resolve_method_config(MethodConfig(name=method, backbone=backbone, pretrained=pretrained,
-                                                    image_size=image_size))
+                                                    image_size=image_size, params=dict(params or {})))
     built = create_method(method_cfg, device)
     if built.trainable:
         raise ValueError(f"method '{built.name}' must be trained first: pass --checkpoint (train.py or "

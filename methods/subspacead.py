@@ -134,7 +134,8 @@ class SubspaceADMethod(Method):
             v = config[key]
             ok = isinstance(v, int) if integer else isinstance(v, (int, float))
             if isinstance(v, bool) or not ok or not lo <= v <= hi:
-                bad(key, f"{'an integer' if integer else 'a number'} in [{lo}, {hi}]" + (" or null" if optional else ""))
+                kind = "an integer" if integer else "a number"
+                bad(key, f"{kind} in [{lo}, {hi}]" + (" or null" if optional else ""))
 
         ev = config.get("explained_variance", 0.99)
         if ev is not None and (isinstance(ev, bool) or not isinstance(ev, (int, float)) or not 0 < ev <= 1):

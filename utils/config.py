@@ -18,7 +18,7 @@ IMAGE_INDEX = ("off", "windows", "all")
 @dataclass
 class MethodConfig:
     """Which method, and what to change from its JSON config (methods/configs/<name>.json)."""
-    name: str = "fdsl"  # fdsl | dcpsfr | knn, or a path to a method JSON
+    name: str = "fdsl"  # fdsl | dcpsfr | knn | subspacead, or a path to a method JSON
     # None = the method config's backbones; "NAME" replaces its first backbone, "role=NAME,..." any
     backbone: str | None = None
     pretrained: str | None = None  # weights tag or local file, same syntax; None = each backbone config's
@@ -59,6 +59,9 @@ class TestConfig:
     results_root: str = "results"
     model_name: str = "fdsl"
     method: str | None = None  # None = the checkpoint's method; another one is refused
+    # a training-free method's parameters over its JSON config (launchers: ABLATION; test.py --param);
+    # a trained method keeps its checkpoint's
+    method_params: dict = field(default_factory=dict)
     # None = what the checkpoint was trained with; a different backbone is refused when loading
     backbone: str | None = None
     pretrained: str | None = None
@@ -78,6 +81,21 @@ class TestConfig:
     precision: str = "auto"  # backbone autocast: auto|fp32|bf16|fp16; a run records the resolved value
     workers: int = 0  # DataLoader workers reading test images
     save_images: int = 0  # per category, panels of the N most wrong normal/anomalous images; -1 = all, 0 = off
+
+
+def parse_method_params(pairs: list[str]) -> dict:
+    """['augment_count=0', 'feature_norm=l2'] -> {'augment_count': 0, 'feature_norm': 'l2'}: each VALUE
+    read as JSON (numbers, true/false, null, lists), else taken as a string."""
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--param '{pair}': expected NAME=VALUE, e.g. --param augment_count=0")
+        try:
+            out[name.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[name.strip()] = value
+    return out
 
 
 def check_seed(seed: int) -> None:

@@ -2,6 +2,8 @@
 references and their rotated copies, maps and scores from the definition (bilinear upsampling,
 OpenCV's Gaussian blur, top-1 % mean by sorting), the rotation against torchvision's, features,
 settings, precision and the refusal of LFE windows."""
+import json
+
 import cv2
 import numpy as np
 import pytest
@@ -201,3 +203,30 @@ def test_precision_windows_and_memory():
     info = m.state_nbytes(state16)
     s = state16.subspace
     assert info["subspace_bytes"] == 4 * (64 + 64 * s.rank + s.rank) and info["subspace_rank"] == s.rank
+
+
+def test_test_py_records_parameters_and_caps_the_rank_of_a_small_reference(datasets, tmp_path):
+    """test.py --param reaches a training-free method and is recorded; a results folder of other
+    parameters is refused. 1 shot at 56 px: 16 reference patches in 64 dimensions span at most 15
+    directions, whatever the explained variance asks."""
+    from conftest import load_test_script
+    from utils.config import TestConfig, parse_method_params
+
+    script = load_test_script()
+    assert parse_method_params(["augment_count=0", "feature_norm=l2", "rank=null"]) == \
+        {"augment_count": 0, "feature_norm": "l2", "rank": None}
+    with pytest.raises(ValueError, match="expected NAME=VALUE"):
+        parse_method_params(["augment_count"])
+    cfg = TestConfig(data_root=str(datasets[1]), dataset="target", method="subspacead", backbone="tiny_dinov2",
+                     image_size=56, classes=["candle"], k_shot=1, eval_size=32, results_root=str(tmp_path),
+                     model_name="sub", method_params={"augment_count": 0, "explained_variance": 1.0})
+    run = script.evaluate(cfg)
+    config = json.loads((run / "config.json").read_text())
+    assert config["method"]["augment_count"] == 0 and config["test"]["method_params"]["augment_count"] == 0
+    info = json.loads((run / "metrics.json").read_text())["categories"]["candle"]
+    assert (info["subspace_rank"], info["subspace_samples"]) == (15, 16) and info["subspace_requested_rank"] >= 15
+    with pytest.raises(ValueError, match="differs in method_params"):
+        script.evaluate(TestConfig(**{**cfg.__dict__, "method_params": {"augment_count": 1}}))
+    from methods.checkpoint import build_method
+    with pytest.raises(ValueError, match="apply to training-free methods"):
+        build_method(str(tmp_path / "epoch_1.pth"), params={"augment_count": 0})
