@@ -230,3 +230,20 @@ def test_test_py_records_parameters_and_caps_the_rank_of_a_small_reference(datas
     from methods.checkpoint import build_method
     with pytest.raises(ValueError, match="apply to training-free methods"):
         build_method(str(tmp_path / "epoch_1.pth"), params={"augment_count": 0})
+
+
+def test_the_authors_backbone_config():
+    """dinov2_vitg14_reg4 (the method's default) without building 1.1 B parameters: the timm
+    architecture on the meta device has 40 blocks of width 1536, a class token and 4 registers, and
+    the configured blocks 23-29 are the authors' hidden_states[-18 .. -12]."""
+    from models.backbones import load_backbone_config
+    from models.backbones.timm import _meta_model
+
+    cfg = load_backbone_config("dinov2_vitg14_reg4")
+    assert resolve_method_config(MethodConfig(name="subspacead"))["backbones"]["backbone"]["config"] == cfg["name"]
+    model = _meta_model(cfg["model"], {"dynamic_img_size": True, "img_size": cfg["model_img_size"]})
+    n_blocks = len(model.blocks)
+    assert (n_blocks, model.embed_dim, model.num_prefix_tokens, model.patch_embed.patch_size[0]) == (40, 1536, 5, 14)
+    hidden_states = list(range(n_blocks + 1))  # Hugging Face: the embeddings, then each block's output
+    assert cfg["layers"] == sorted(hidden_states[i] for i in range(-18, -11))
+    assert cfg["image_size"] == 672 and cfg["image_size"] % 14 == 0 and cfg["pretrained"] == "lvd142m"
