@@ -154,6 +154,57 @@ def test_maps_and_scores_from_the_definition():
     assert own.mean() < maps.mean()
 
 
+def _pixel_features(method):
+    """Replace the backbone by a hand-made feature map: every pixel is a patch, its RGB value the
+    3-dim feature, so the normal subspace and each residual are known exactly."""
+    def features(images):
+        b, c, h, w = images.shape
+        return images.permute(0, 2, 3, 1).reshape(b, h * w, c).float(), (h, w)
+    method.features = features
+    method.feature_dim = 3
+
+
+def test_a_hand_made_subspace_gives_the_known_residual_map_and_score():
+    """Normal pixels are mu + x u1 + y u2; reference 1 varies along u1 only, reference 2 along u2
+    only (variances 90 % and 9.5 % of the total), and both carry a 0.5 % wobble along n, the third
+    axis. The 99 % subspace is therefore span(u1, u2) through mu: a normal test pixel, anywhere in
+    that plane, scores 0, and a pixel moved by d along n scores exactly d^2. Each plausible wrong
+    version gives another map: PCA without centring (mu is not along n), the projection in place of
+    the residual, a rank one lower (u2 left out) or one higher (n taken in), and a subspace fitted
+    on one reference image in place of the category's references together."""
+    mu = torch.tensor([0.6, 0.4, 0.5])
+    u1 = torch.tensor([1.0, -1.0, 0.0]) / 2 ** 0.5
+    u2 = torch.tensor([1.0, 1.0, -2.0]) / 6 ** 0.5
+    n = torch.tensor([1.0, 1.0, 1.0]) / 3 ** 0.5
+    h1 = torch.tensor([1.0, -1.0] * 8)  # zero-mean sign patterns over the 4 x 4 pixels,
+    h3 = torch.tensor([1.0, 1.0, -1.0, -1.0] * 4)  # orthogonal to each other
+    a, c, b = 0.9 ** 0.5, 0.095 ** 0.5, 0.0025 ** 0.5  # variances 0.9 : 0.095 : 2 * 0.0025
+
+    def image(coef1, coef2, coef3, side):
+        pix = mu + coef1[:, None] * u1 + coef2[:, None] * u2 + coef3[:, None] * n  # (side * side, 3)
+        return pix.T.reshape(3, side, side)
+
+    zero = torch.zeros(16)
+    refs = torch.stack([image(a * h1, zero, b * h3, 4), image(zero, c * h1, b * h3, 4)])
+    m = make(augment_count=0, blur_kernel=0, score_top_fraction=0.1)
+    _pixel_features(m)
+    state = m.fit(refs, ["bottle/train/good/0.png", "bottle/train/good/1.png"])
+    s = state.subspace
+    assert (s.rank, s.n_samples) == (2, 32) and s.explained == pytest.approx(0.995, abs=1e-6)
+    torch.testing.assert_close(s.mean, mu)
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(100, generator=g), torch.randn(100, generator=g)  # far outside the references' range too
+    d = torch.zeros(100)
+    d[[11, 12, 57]] = torch.tensor([0.2, -0.3, 0.1])  # three anomalous pixels of a 10 x 10 image
+    test = torch.stack([image(x, y, d, 10), image(-x, 2 * y, zero.new_zeros(100), 10)])
+    maps, scores = m.predict(test, state, (10, 10))
+    want = torch.stack([d * d, torch.zeros(100)]).reshape(2, 10, 10)
+    torch.testing.assert_close(maps, want, rtol=0, atol=1e-5)
+    # top 10 % of 100 pixels: the 3 anomalous ones and 7 zeros
+    torch.testing.assert_close(scores, torch.tensor([(0.04 + 0.09 + 0.01) / 10, 0.0]), rtol=0, atol=1e-6)
+
+
 def test_features_raw_or_unit_and_layer_fusion():
     q = images(2, 8)
     m = make()
