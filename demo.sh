@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Embedded default: the full cross-dataset protocol (train on one dataset, k-shot test on the
 # other, both ways) on two generated MVTec-layout datasets with tiny random-initialised backbones,
-# on the CPU, in about a minute on 2 cores. METHOD=fdsl (default), dcpsfr, knn or anomalydino; run several and
+# on the CPU, in about a minute on 2 cores. METHOD=fdsl (default), dcpsfr, knn, anomalydino or subspacead; run several and
 # the summary shows them side by side. Real data and weights: README.md, "Real datasets and weights".
 # Pages to open in a browser: results/<run>/.../report.html (each test run), results/summary/
 # comparison.html (all runs side by side) and results/predict_demo_<method>/index.html (predictions).
@@ -18,6 +18,7 @@ export VISA_ROOT="$data/synth_visa" VISA_NAME=synth_visa
 case "$METHOD" in
   dcpsfr) tiny="clip=tiny_clip,dino=tiny_dinov2"; epochs=12; winmode=nan ;;  # DCP-SFR scores whole images
   anomalydino) tiny=tiny_dinov2; epochs=0; winmode="${DEMO_WINMODE:-nan}" ;;  # training-free, whole images as its authors
+  subspacead) tiny=tiny_dinov2; epochs=0; winmode=nan ;;  # training-free, DINOv2 features, whole images only
   *) tiny=tiny_clip; epochs=25; winmode="${DEMO_WINMODE:-mul}" ;;
 esac
 export FSAD_BACKBONE="${FSAD_BACKBONE:-$tiny}"

@@ -6,9 +6,9 @@
 folder, tab-separated, without running anything.
 
 Train on MVTec AD -> test on VisA; train on VisA -> test on MVTec AD. The method (METHOD=fdsl,
-dcpsfr, knn or anomalydino), paths, backbone and schedule come from environment variables (README,
+dcpsfr, knn, anomalydino or subspacead), paths, backbone and schedule come from environment variables (README,
 "Launchers"), so the nine positional arguments stay those of the authors' scripts. A
-training-free method (knn, anomalydino) skips training and is tested on both datasets.
+training-free method (knn, anomalydino, subspacead) skips training and is tested on both datasets.
 
 Folders: the heads go to results/<model_name>/checkpoints/train_<dataset>_<method tag>[_<precision>]/
 seed<train seed>/, shared by every test configuration of those heads; results go to

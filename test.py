@@ -377,6 +377,7 @@ def parse_args(argv=None) -> tuple[TestConfig, bool]:
     return TestConfig(**a), force
 
 
+
 def main(argv=None) -> int:
     return run_cli("test.py", lambda: evaluate(*parse_args(argv)))
 

@@ -19,10 +19,12 @@ from methods.base import InferenceOptions, Method
 from methods.dcpsfr import DCPSFRMethod
 from methods.fdsl import FDSLMethod
 from methods.knn import KNNMethod
+from methods.subspacead import SubspaceADMethod
 from models.backbones import create_backbone, load_backbone_config
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (FDSLMethod, DCPSFRMethod, KNNMethod, AnomalyDINOMethod)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (FDSLMethod, DCPSFRMethod, KNNMethod, AnomalyDINOMethod,
+                                                                    SubspaceADMethod)}
 
 
 def register(cls: type[Method]) -> type[Method]:

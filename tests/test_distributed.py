@@ -67,12 +67,16 @@ def quick_checkpoint(datasets, tmp_path_factory):
 # sharded evaluation
 
 
-@pytest.mark.parametrize("case", ["knn-2ranks", "fdsl-mul-3ranks-idle"])
+@pytest.mark.parametrize("case", ["knn-2ranks", "fdsl-mul-3ranks-idle", "subspacead-2ranks"])
 def test_sharded_evaluation_writes_what_one_process_writes(case, datasets, quick_checkpoint, tmp_path):
     """2 ranks on 3 categories (2 + 1), and 3 ranks on 2 categories (one rank idle): metrics.json,
-    table.md and config.json are those of one process, value for value."""
+    table.md and config.json are those of one process, value for value (subspacead: the rotated
+    copies of a category's references do not depend on the rank that fits them)."""
     if case.startswith("knn"):
         world, base = 2, dict(data_root=str(datasets[0]), dataset="aux", method="knn", backbone="tiny_clip")
+    elif case.startswith("subspacead"):
+        world, base = 2, dict(data_root=str(datasets[0]), dataset="aux", method="subspacead", backbone="tiny_dinov2",
+                              image_size=56, params={"augment_count": 2})
     else:
         world, base = 3, dict(data_root=str(datasets[1]), dataset="target", checkpoint=str(quick_checkpoint),
                               winmode="mul", win_size=8, win_stride=2, k_shot=2)

@@ -86,4 +86,25 @@ def test_anomalydino_and_knn_ablations_are_training_free(env):
 
 def test_unknown_method_is_named(env):
     bad = run("trainAndTest.sh", {**env, "METHOD": "patchcore"})
-    assert bad.returncode == 2 and "METHOD" in bad.stderr and "anomalydino, dcpsfr, fdsl, knn" in bad.stderr
+    assert bad.returncode == 2 and "METHOD" in bad.stderr and "anomalydino, dcpsfr, fdsl, knn, subspacead" in bad.stderr
+
+
+@pytest.mark.slow
+def test_subspacead_is_training_free_records_its_subspace_and_refuses_windows(env):
+    tiny = {**env, "METHOD": "subspacead", "FSAD_BACKBONE": "tiny_dinov2"}
+    done = run("test_few_shot.sh", {**tiny, "ABLATION": "no_aug"}, args=["sub", *ARGS[1:]])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not (Path(env["RESULTS_ROOT"]) / "sub-no_aug" / "checkpoints").exists()
+    for dataset, cls in (("a", "tiles"), ("b", "candle")):
+        run_dir = Path(env["RESULTS_ROOT"]) / "sub-no_aug_nan" / dataset / "1shot" / "seed0"
+        config = json.loads((run_dir / "config.json").read_text())
+        assert config["method"]["method"] == "subspacead" and config["checkpoint_epoch"] is None
+        assert config["method"]["augment_count"] == 0 and config["backbones"]["backbone"]["name"] == "tiny_dinov2"
+        info = json.loads((run_dir / "metrics.json").read_text())["categories"][cls]
+        # memory per category: the subspace (float32 mean, basis, eigenvalues) of the 1 reference
+        rank = info["subspace_rank"]
+        assert info["subspace_bytes"] == 4 * (64 + 64 * rank + rank) and 1 <= rank <= 63
+        assert info["reference_images_fitted"] == 1
+    windows = run("test_few_shot.sh", tiny, args=["w", "cpu", "1", "mul", "8", "2", "0.5", "0", "1"])
+    assert windows.returncode == 2 and "whole images only" in windows.stderr
+    assert not any(Path(env["RESULTS_ROOT"]).glob("w*"))  # refused before any work

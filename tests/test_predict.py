@@ -283,3 +283,22 @@ def test_command_line_exit_code_and_one_line(tmp_path):
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines() == [f"predict.py: error: no reference image in folder {tmp_path} (any "
                                                f"format Pillow opens: .png, .jpg, .bmp, .tif, ...)"]
+
+
+def test_subspacead_scores_photos_of_any_size_whatever_the_batch(datasets, odd_sizes, tmp_path, capsys):
+    """The training-free subspacead through predict.py: references fitted once (with their rotated
+    copies), photos of their own sizes scored alike in batches of 1 and of 5."""
+    common = ["--method", "subspacead", "--backbone", "tiny_dinov2", "--image-size", 56, "--param", "augment_count=3",
+              "--refs", datasets[1] / "candle/train/good/000.png",
+              "--images", f"{datasets[1]}/candle/test/*/000.png", *odd_sizes.values()]
+    out1, out5 = tmp_path / "b1", tmp_path / "b5"
+    assert run_predict(capsys, *common, "--out", out1, "--batch-size", 1)[0] == 0
+    assert run_predict(capsys, *common, "--out", out5, "--batch-size", 5)[0] == 0
+    one, five = summary(out1), summary(out5)
+    assert one["method"] == "subspacead" and len(one["predictions"]) == len(five["predictions"]) >= 4
+    assert "expected NAME=VALUE" in error_line(*run_predict(capsys, *common, "--param", "augment", "--out", out5))
+    np.testing.assert_allclose([r["score"] for r in one["predictions"]], [r["score"] for r in five["predictions"]],
+                               rtol=1e-4, atol=1e-6)
+    for r in one["predictions"]:
+        with Image.open(out1 / Path(r["overlay"]).name) as im:
+            assert im.size == (r["width"], r["height"])  # the map at the photo's own size

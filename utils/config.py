@@ -19,7 +19,7 @@ IMAGE_INDEX = ("off", "windows", "all")
 @dataclass
 class MethodConfig:
     """Which method, and what to change from its JSON config (methods/configs/<name>.json)."""
-    name: str = "fdsl"  # fdsl | dcpsfr | knn | anomalydino, or a path to a method JSON
+    name: str = "fdsl"  # fdsl | dcpsfr | knn | anomalydino | subspacead, or a path to a method JSON
     # None = the method config's backbones; "NAME" replaces its first backbone, "role=NAME,..." any
     backbone: str | None = None
     pretrained: str | None = None  # weights tag or local file, same syntax; None = each backbone config's
@@ -118,6 +118,7 @@ def check_number(value, option: str, low: float, high: float = math.inf, low_ope
             f"{'> ' if low_open else '>= '}{low:g}"
         raise ValueError(f"{option} must be a finite number {'in ' if math.isfinite(high) else ''}{bounds}, "
                          f"got {value!r}")
+
 
 
 def check_seed(seed: int) -> None:

@@ -23,7 +23,7 @@ DEFAULT_BACKBONE = "clip_vit_l14_336"
 
 @dataclass
 class BackboneOutput:
-    patch_tokens: list[torch.Tensor]  # per layer (B, N, C_l), unit length, row-major over the grid
+    patch_tokens: list[torch.Tensor]  # per layer (B, N, C_l), unit length (unless asked raw), row-major over the grid
     global_embedding: torch.Tensor  # (B, D), unit length
     grid: tuple[int, int]  # (rows, cols), N = rows * cols
 
@@ -93,7 +93,9 @@ class Backbone(nn.Module):
 
     # -- public -------------------------------------------------------------------------
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> BackboneOutput:
+    def forward(self, images: torch.Tensor, normalize_tokens: bool = True) -> BackboneOutput:
+        """`normalize_tokens=False`: the patch tokens as the network gives them (fp32), for methods
+        that model raw feature statistics (subspacead's PCA); the global embedding stays unit length."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"backbone expects images of shape (B, 3, H, W), got {tuple(images.shape)}")
         h, w = images.shape[-2:]
@@ -104,7 +106,7 @@ class Backbone(nn.Module):
             tokens, glob, grid = self._extract(x)
         # cast back first: normalising in bf16 would round every unit vector again
         return BackboneOutput(
-            patch_tokens=[F.normalize(t.float(), dim=-1) for t in tokens],
+            patch_tokens=[F.normalize(t.float(), dim=-1) if normalize_tokens else t.float() for t in tokens],
             global_embedding=F.normalize(glob.float(), dim=-1),
             grid=grid,
         )
