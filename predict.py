@@ -430,9 +430,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint", default="", help="epoch_N.pth written by train.py (not for training-free methods)")
     p.add_argument("--method", default=None, help=f"one of {', '.join(list_methods())}; with --checkpoint it must be "
                    f"the checkpoint's (default: the checkpoint's)")
-    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
-                   help="a training-free method's parameter over methods/configs/<method>.json, VALUE in JSON "
-                   "(a VALUE that is not JSON is a string), e.g. --param augment_count=0; repeatable")
     p.add_argument("--refs", nargs="+", required=True, metavar="DIR_OR_FILE",
                    help="the k normal reference photos: a folder (all its images) or files")
     p.add_argument("--images", nargs="+", required=True, metavar="DIR_GLOB_OR_FILE",
