@@ -120,7 +120,7 @@ def test_folder_names(monkeypatch):
     assert names("x 0 1 nan 13 2 0.5 14 1", FSAD_TRAIN_SEED="3")[1] == ("train_mvtec_nam1", "seed3")
     assert names("k 0 1 mul 8 2 0.25 0 1", METHOD="knn", FSAD_TRAIN_SEED="3")[0] == "k_mul-w8s2x0.25-idxwin"
     assert names("d 0 1 nan 8 2 0.5 0 1", METHOD="dcpsfr", ABLATION="no_acl")[0] == "d-no_acl_nan"
-    with pytest.raises(ValueError, match="FSAD_TRAIN_SEED: expected an integer or 'same'"):
+    with pytest.raises(ValueError, match="FSAD_TRAIN_SEED: expected an integer >= 0 or 'same', got 'sometimes'"):
         names("x 0 1 nan 13 2 0.5 14 1", FSAD_TRAIN_SEED="sometimes")
     # reduced precision names both folders; 'auto' on CPU is fp32 and names nothing
     assert names("p cpu 1 nan 13 2 0.5 14 1", FSAD_PRECISION="bf16") == ("p_nam1_nan_bf16", ("train_mvtec_nam1_bf16",

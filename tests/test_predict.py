@@ -296,7 +296,7 @@ def test_subspacead_scores_photos_of_any_size_whatever_the_batch(datasets, odd_s
     assert run_predict(capsys, *common, "--out", out5, "--batch-size", 5)[0] == 0
     one, five = summary(out1), summary(out5)
     assert one["method"] == "subspacead" and len(one["predictions"]) == len(five["predictions"]) >= 4
-    assert "expected NAME=VALUE" in error_line(*run_predict(capsys, *common, "--param", "augment", "--out", out5))
+    assert "--param 'augment': expected KEY=VALUE" in error_line(*run_predict(capsys, *common, "--param", "augment", "--out", out5))
     np.testing.assert_allclose([r["score"] for r in one["predictions"]], [r["score"] for r in five["predictions"]],
                                rtol=1e-4, atol=1e-6)
     for r in one["predictions"]:

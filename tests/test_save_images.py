@@ -21,7 +21,9 @@ def _run(script, data_root, results, *extra) -> Path:
 def _metrics(run: Path) -> dict:
     m = json.loads((run / "metrics.json").read_text())
     for info in m["categories"].values():
-        info.pop("seconds_per_image")  # a timing, not a number the option may change
+        # a timing and the process's peak memory: measurements of the run, not numbers the option may change
+        info.pop("seconds_per_image")
+        info.pop("peak_memory_mib", None)
     m.pop("seconds_per_image")
     return m
 
