@@ -11,25 +11,30 @@ py="${PYTHON:-python}"
 data="${DEMO_DATA:-$here/generated}"
 export METHOD="${METHOD:-fdsl}"
 
-"$py" "$here/data/synthetic.py" --demo-pair --out "$data"
-
 export MVTEC_ROOT="$data/synth_mvtec" MVTEC_NAME=synth_mvtec
 export VISA_ROOT="$data/synth_visa" VISA_NAME=synth_visa
 case "$METHOD" in
   dcpsfr) tiny="clip=tiny_clip,dino=tiny_dinov2"; epochs=12; winmode=nan ;;  # DCP-SFR scores whole images
-  anomalydino) tiny=tiny_dinov2; epochs=0; winmode="${DEMO_WINMODE:-nan}" ;;  # training-free, whole images as its authors
-  subspacead) tiny=tiny_dinov2; epochs=0; winmode=nan ;;  # training-free, DINOv2 features, whole images only
+  anomalydino) tiny=tiny_dinov2; epochs=; winmode="${DEMO_WINMODE:-nan}" ;;  # training-free, whole images as its authors
+  subspacead) tiny=tiny_dinov2; epochs=; winmode=nan ;;  # training-free, DINOv2 features, whole images only
   *) tiny=tiny_clip; epochs=25; winmode="${DEMO_WINMODE:-mul}" ;;
 esac
 export FSAD_BACKBONE="${FSAD_BACKBONE:-$tiny}"
 # FDSL: ~150 optimiser steps per training set, BatchNorm statistics need that many to settle.
-export FSAD_EPOCHS_MVTEC="${FSAD_EPOCHS_MVTEC:-$epochs}" FSAD_EPOCHS_VISA="${FSAD_EPOCHS_VISA:-$epochs}"
+# (training-free methods: no epochs to set)
+if [ -n "$epochs" ]; then
+  export FSAD_EPOCHS_MVTEC="${FSAD_EPOCHS_MVTEC:-$epochs}" FSAD_EPOCHS_VISA="${FSAD_EPOCHS_VISA:-$epochs}"
+fi
 export FSAD_TRAIN_K_SHOT="${FSAD_TRAIN_K_SHOT:-4}"
 export FSAD_SAVE_IMAGES="${FSAD_SAVE_IMAGES:-2}"  # report.html: curves and the 2 most wrong images each way
 export RESULTS_ROOT="${RESULTS_ROOT:-$here/results}"
 
 # model_name device useNAM winmode win-size win-stride win-weight seed kshots (tiny grid: 16x16)
 args=("demo_$METHOD" cpu 1 "$winmode" 8 2 0.5 0 1)
+if [ -n "${DEMO_DRY_RUN:-}" ]; then  # the plan only: where each run would go (checks the settings above)
+  exec "$py" "$here/launch.py" where "${args[@]}"
+fi
+"$py" "$here/data/synthetic.py" --demo-pair --out "$data"
 bash "$here/trainAndTest.sh" "${args[@]}"
 PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" "$py" -m utils.report aggregate "$RESULTS_ROOT" --out "$RESULTS_ROOT/summary"
 

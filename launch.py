@@ -432,9 +432,11 @@ def run(mode: str, args: list[str]) -> None:
 
 def where(args: list[str]) -> list[tuple[str, str, str, str]]:
     """(train set, test set, checkpoint or '-', results folder) of each half of a launch, as the
-    other modes compute them; nothing is run or checked on disk (demo.sh finds its run with it)."""
+    other modes compute them, after the same checks of the environment; nothing is run or checked on
+    disk (demo.sh finds its run with it)."""
     launch = parse_positional(args)
     plan = method_plan(launch)
+    check_environment("where", plan)
     mvtec, visa = datasets()
     out = []
     for train_set, test_set in ((mvtec, visa), (visa, mvtec)):

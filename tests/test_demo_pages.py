@@ -41,3 +41,20 @@ def test_demo_writes_pages_that_open_in_chromium(tmp_path):
             if page != comparison:
                 assert r.images, page
     assert n_photos == 16  # synth_visa's candle test photos
+
+
+@pytest.mark.parametrize("method", sorted(__import__("methods").METHODS))
+def test_demo_settings_of_every_method_pass_the_launchers_checks(tmp_path, method):
+    """DEMO_DRY_RUN: demo.sh's per-method settings (backbone, epochs, window mode) go through launch.py's
+    checks of the environment and print the plan, without generating data or running anything."""
+    env = {**os.environ, "PYTHON": sys.executable, "METHOD": method, "DEMO_DRY_RUN": "1",
+           "DEMO_DATA": str(tmp_path / "generated"), "RESULTS_ROOT": str(tmp_path / "results")}
+    for key in [k for k in env if k.startswith(("FSAD_", "FDSL_"))]:
+        env.pop(key)
+    done = subprocess.run(["bash", str(REPO / "demo.sh")], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split("\t") for line in done.stdout.splitlines()]
+    assert [r[:2] for r in rows] == [["synth_mvtec", "synth_visa"], ["synth_visa", "synth_mvtec"]]
+    assert all(f"demo_{method}" in r[3] for r in rows)
+    assert not (tmp_path / "generated").exists() and not (tmp_path / "results").exists()
