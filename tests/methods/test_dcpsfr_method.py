@@ -171,9 +171,9 @@ def mean_aurocs(method, root, classes):
 @pytest.mark.slow
 def test_trained_dcpsfr_beats_untrained_on_its_training_data(datasets, trained_dcpsfr):
     """Training works: the trained model scores the generated training set clearly better than the
-    same model at initialisation. (On unseen data it does not, with random tiny backbones: the
-    identity-initialised model is already a training-free matcher, and 36 steps on 48 images of
-    random features overfit; printed for the record, see docs/dcpsfr.md.)"""
+    same model at initialisation. (On unseen data the pixel AUROC does not gain, with random tiny
+    backbones: the identity-initialised model is already a training-free matcher, and 36 steps on
+    48 images of random features overfit; printed for the record, see docs/dcpsfr.md.)"""
     torch.manual_seed(0)
     untrained = create_method(tiny_dcpsfr()).eval()
     trained, ckpt = load_method(trained_dcpsfr, method="dcpsfr")
