@@ -25,7 +25,8 @@ export FSAD_BACKBONE="${FSAD_BACKBONE:-$tiny}"
 if [ -n "$epochs" ]; then
   export FSAD_EPOCHS_MVTEC="${FSAD_EPOCHS_MVTEC:-$epochs}" FSAD_EPOCHS_VISA="${FSAD_EPOCHS_VISA:-$epochs}"
 fi
-export FSAD_TRAIN_K_SHOT="${FSAD_TRAIN_K_SHOT:-4}"
+# training references: DCP-SFR's come from its config (1, methods/configs/dcpsfr.json); FDSL's 4 here
+if [ "$METHOD" != dcpsfr ]; then export FSAD_TRAIN_K_SHOT="${FSAD_TRAIN_K_SHOT:-4}"; fi
 export FSAD_SAVE_IMAGES="${FSAD_SAVE_IMAGES:-2}"  # report.html: curves and the 2 most wrong images each way
 export RESULTS_ROOT="${RESULTS_ROOT:-$here/results}"
 

@@ -276,12 +276,30 @@ def results_folder(launch: Launch, plan: MethodPlan) -> str:
     return f"{plan.folder}_{settings_tag(launch, plan)}"
 
 
+AUGMENT_CHOICES = ("authors", "mosaic", "crop", "none")
+
+
+def train_references(plan: MethodPlan, train_set: DatasetSpec) -> tuple[int, str]:
+    """Training references per category and augmentation: FSAD_TRAIN_K_SHOT / FSAD_AUGMENT, else
+    the method config's training.train_k_shot / training.augment, else 10 and the authors'
+    augmentation of the dataset (mosaic for MVTec, crop for VisA). `authors` = the dataset's."""
+    from methods import training_references
+
+    k, augment = training_references(plan.config, train_set.augment)
+    augment = _env("AUGMENT", augment).lower()
+    if augment not in AUGMENT_CHOICES:
+        raise ValueError(f"environment variable {_env_key('AUGMENT')}: expected one of "
+                         f"{', '.join(AUGMENT_CHOICES)}, got '{augment}'")
+    return _env_int("TRAIN_K_SHOT", k), train_set.augment if augment == "authors" else augment
+
+
 def train_config(launch: Launch, plan: MethodPlan, train_set: DatasetSpec) -> TrainConfig:
+    k, augment = train_references(plan, train_set)
     return TrainConfig(data_root=train_set.root, dataset=train_set.name,
                        out_dir=str(checkpoint_dir(launch, plan, train_set)), method=plan.request,
                        seed=train_seed(launch),
                        epochs=epochs(plan, train_set), batch_size=_env_int("BATCH_SIZE", 8),
-                       train_k_shot=_env_int("TRAIN_K_SHOT", 10), augment=train_set.augment, device=launch.device,
+                       train_k_shot=k, augment=augment, device=launch.device,
                        workers=_env_int("WORKERS", 0), max_steps=_env_int("MAX_STEPS"),
                        precision=precision(launch))
 

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from data.dataset import (AnomalyDataset, categories, check_test_split, load_image, load_meta, make_augmentation,
                           select_k_shot)
 from data.meta import missing_mask_items
-from methods import METHODS, create_method, list_methods, resolve_method_config
+from methods import METHODS, create_method, list_methods, resolve_method_config, training_references
 from methods.base import Method
 from methods.checkpoint import DamagedCheckpointError, check_backbones, checkpoint_payload, read_checkpoint
 from models.backbones import PRECISIONS
@@ -120,7 +120,10 @@ def resolve_training(cfg: TrainConfig) -> tuple[TrainConfig, dict]:
         raise ValueError(f"method '{method_cfg['method']}' is training-free: there is nothing to train; "
                          f"evaluate it directly with test.py --method {method_cfg['method']}")
     defaults = method_cfg.get("training", {})
+    k, augment = training_references(method_cfg)
     cfg = replace(cfg, data_root=str(Path(cfg.data_root).resolve()),  # the same run, however spelled
+                  train_k_shot=cfg.train_k_shot if cfg.train_k_shot is not None else k,
+                  augment=cfg.augment if cfg.augment is not None else augment,
                   lr=cfg.lr if cfg.lr is not None else float(defaults.get("lr", 1e-3)),
                   betas=tuple(cfg.betas if cfg.betas is not None else defaults.get("betas", (0.9, 0.999))),
                   precision=distributed.run_precision(cfg.precision, cfg.device))
@@ -253,9 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "global batch, split evenly over the processes (default: %(default)s)")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: the method config's)")
     p.add_argument("--train-k-shot", type=int, default=d.train_k_shot,
-                   help="normal references per category while training (default: %(default)s)")
+                   help="normal references per category while training (default: the method config's "
+                   "training.train_k_shot, else 10; dcpsfr: 1)")
     p.add_argument("--augment", default=d.augment, choices=("mosaic", "crop", "none"),
-                   help="training augmentation: mosaic (MVTec), crop (VisA) or none (default: %(default)s)")
+                   help="training augmentation: mosaic (MVTec), crop (VisA) or none (default: the method config's "
+                   "training.augment, else mosaic; dcpsfr: none)")
     p.add_argument("--workers", type=int, default=d.workers, help="DataLoader worker processes "
                    "(default: %(default)s)")
     p.add_argument("--device", default=d.device, help="cpu or a CUDA index; under torchrun: cpu, cuda (GPU = local "

@@ -110,4 +110,16 @@ def create_method(config: dict, device: str | torch.device = "cpu") -> Method:
 
 
 __all__ = ["METHODS", "InferenceOptions", "Method", "create_method", "list_methods", "load_method_config",
-           "register", "resolve_method_config", "split_roles"]
+           "register", "resolve_method_config", "split_roles", "training_references"]
+
+
+DEFAULT_TRAIN_K_SHOT, DEFAULT_AUGMENT = 10, "mosaic"  # FDSL's authors' effective values
+
+
+def training_references(method_cfg: dict, dataset_augment: str = DEFAULT_AUGMENT) -> tuple[int, str]:
+    """A resolved method config's training references and augmentation (`training.train_k_shot`,
+    `training.augment`), else 10 and the dataset's augmentation; augment "authors" = the
+    dataset's (`dataset_augment`: the launchers know it, train.py assumes mosaic)."""
+    training = method_cfg.get("training", {})
+    augment = training.get("augment", "authors")
+    return int(training.get("train_k_shot", DEFAULT_TRAIN_K_SHOT)), dataset_augment if augment == "authors" else augment

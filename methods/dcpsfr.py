@@ -15,12 +15,18 @@ import torch.nn as nn
 
 from methods.base import Method
 from models.backbones import Backbone
-from models.dcpsfr import DCPSFRHeads, DCPSFRReference, PromptLearner, build_reference, collate_references, dcpsfr_loss
+from models.dcpsfr import (ALPHA_BETA, FUSIONS, GLOBAL_SCORES, DCPSFRHeads, DCPSFRReference, PromptLearner,
+                           build_reference, collate_references, dcpsfr_loss)
 from models.scoring import upsample_probs
 
 _HEAD_ARGS = set(inspect.signature(DCPSFRHeads.__init__).parameters) - {"self", "clip_dim", "n_clip_layers", "dino_dim"}
 _OWN_KEYS = {"method", "backbones", "image_size", "training", "anomaly_word", "bank_size", "focal_alpha",
-             "focal_gamma", "edge_loss"}
+             "focal_gamma", "alpha_beta", "edge_loss"}
+# the choices a config key takes, checked before any model is built
+_CHOICES = {"global_score": GLOBAL_SCORES, "fusion": FUSIONS, "alpha_beta": ALPHA_BETA, "init": ("identity", "scratch")}
+# DCP-SFR's own training settings (methods/configs/dcpsfr.json "training"); the launchers' and
+# train.py's options override them
+_AUGMENTS = ("none", "mosaic", "crop", "authors")
 _SWITCHES = ("use_caca", "use_acl", "use_ssr", "adapter", "edge_loss")
 
 
@@ -38,6 +44,9 @@ class DCPSFRMethod(Method):
             raise ValueError(f"dcpsfr needs one patch grid for both backbones: CLIP patch {clip.patch_size}, "
                              f"DINOv2 patch {dino.patch_size}")
         kwargs = {k: v for k, v in config.items() if k in _HEAD_ARGS}
+        # every config resolved from methods/configs/dcpsfr.json names its global score; one without
+        # the key comes from a checkpoint written before the paper's score existed: rebuild that one
+        kwargs.setdefault("global_score", "attention")
         heads = {"heads": DCPSFRHeads(clip.layer_dims[0], len(clip.layers), dino.layer_dims[-1], **kwargs)}
         if config.get("use_caca", True):
             if getattr(clip, "text_encoder", None) is None:
@@ -58,6 +67,16 @@ class DCPSFRMethod(Method):
             raise ValueError("dcpsfr: without ACL and SSR there is no segmentation score; keep one of them")
         if int(config.get("bank_size", 1024)) < 1:
             raise ValueError(f"dcpsfr: bank_size must be >= 1, got {config.get('bank_size')}")
+        for key, choices in _CHOICES.items():
+            if key in config and config[key] not in choices:
+                raise ValueError(f"dcpsfr: {key} must be one of {', '.join(choices)}, got {config[key]!r}")
+        training = config.get("training", {})
+        k = training.get("train_k_shot", 1)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"dcpsfr: training.train_k_shot must be an integer >= 1, got {k!r}")
+        if training.get("augment", "none") not in _AUGMENTS:
+            raise ValueError(f"dcpsfr: training.augment must be one of {', '.join(_AUGMENTS)}, "
+                             f"got {training.get('augment')!r}")
         if set(config.get("backbones", {})) != {"clip", "dino"}:
             raise ValueError(f"dcpsfr needs backbones 'clip' and 'dino', got {sorted(config.get('backbones', {}))}")
 
@@ -75,22 +94,23 @@ class DCPSFRMethod(Method):
     def forward_batch(self, images: torch.Tensor, states: Sequence[DCPSFRReference]):
         images = images.to(self.device)
         dino = self.backbones["dino"](images)
-        clip_tokens = text = None
+        clip_tokens = text = clip_cls = None
         if "prompts" in self.heads:
             clip = self.backbones["clip"](images)
             if clip.grid != dino.grid:
                 raise ValueError(f"CLIP grid {clip.grid} differs from DINOv2 grid {dino.grid}")
-            clip_tokens, text = clip.patch_tokens, self.heads["prompts"]()
+            clip_tokens, text, clip_cls = clip.patch_tokens, self.heads["prompts"](), clip.global_embedding
         refs = collate_references(states)
         return self.heads["heads"](clip_tokens, text, dino.patch_tokens[-1], dino.global_embedding,
-                                   refs["ref_mean"], refs["ref_cls"], refs["bank"], dino.grid)
+                                   refs["ref_mean"], refs["ref_cls"], refs["bank"], dino.grid, clip_cls=clip_cls)
 
     def loss(self, batch: dict, states: Sequence[DCPSFRReference]) -> torch.Tensor:
         out = self.forward_batch(batch["image"], states)
         total, _ = dcpsfr_loss(out, batch["mask"].to(self.device), batch["label"].to(self.device),
                                alpha=float(self.config.get("focal_alpha", 0.9)),
                                gamma=float(self.config.get("focal_gamma", 2.0)),
-                               use_edge=bool(self.config.get("edge_loss", True)))
+                               use_edge=bool(self.config.get("edge_loss", True)),
+                               alpha_beta=self.config.get("alpha_beta", "focal"))
         return total
 
     @torch.no_grad()

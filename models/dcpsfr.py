@@ -1,5 +1,6 @@
 """DCP-SFR's trainable parts: prompts, cue amplification (CACA), cue-guided reconstruction (ACL),
-structural refinement scores (SSR), image score, and the loss.
+structural refinement scores (SSR), image score (the class token through the same CACA + ACL
+core), and the loss.
 
 Pure modules and functions: inputs are frozen backbone tokens (CLIP patch tokens already in the
 joint image-text space, DINOv2 patch and class tokens, all unit length) and per-category
@@ -161,6 +162,16 @@ class CueAmplification(nn.Module):
             probs.append(logits.softmax(dim=-1)[..., 1])
         return torch.stack(probs)
 
+    def global_cue(self, clip_cls: torch.Tensor, text_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The class-token side of CACA: the CLIP class token (B, D), already in the joint space, is
+        compared with the same prompts (cosine / tau, softmax) and amplified by the same A, read
+        on a 1x1 grid. -> (s_init_cls (B,), s_amp_cls (B,))."""
+        if clip_cls.ndim != 2:
+            raise ValueError(f"clip_cls must be (B, D), got {tuple(clip_cls.shape)}")
+        text = F.normalize(text_features, dim=-1)
+        s = (F.normalize(clip_cls, dim=-1) @ text.T / self.tau).softmax(dim=-1)[:, 1]
+        return s, torch.sigmoid(self.amplifier(s.reshape(-1, 1, 1, 1))).reshape(-1)
+
     def forward(self, clip_tokens: Sequence[torch.Tensor], text_features: torch.Tensor,
                 grid: tuple[int, int]) -> CueMaps:
         layer_probs = self.layer_probabilities(clip_tokens, text_features)
@@ -218,14 +229,16 @@ class CueGuidedReconstruction(nn.Module):
             raise ValueError(f"need at least one reconstruction layer, got {n_layers}")
         self.layers = nn.ModuleList(ReferenceAttention(dim, temperature) for _ in range(n_layers))
 
-    def forward(self, query: torch.Tensor, ref_mean: torch.Tensor, s_amp: torch.Tensor | None = None) -> torch.Tensor:
-        """query (B, N, C); ref_mean (B or 1, N, C) or (N, C); s_amp (B, N) or None (no modulation)."""
+    def forward(self, query: torch.Tensor, ref_mean: torch.Tensor, s_amp: torch.Tensor | None = None,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """query (B, N, C); ref_mean (B or 1, Nk, C) or (Nk, C); s_amp (B, N) or None (no modulation);
+        key_mask (B, Nk) True = real key (padded reference sets)."""
         if ref_mean.ndim == 2:
             ref_mean = ref_mean.unsqueeze(0)
         keep = None if s_amp is None else (1 - s_amp).unsqueeze(-1)
         f = query
-        for layer in self.layers:
-            f = layer(f if keep is None else f * keep, ref_mean)
+        for layer in self.layers:  # the cue modulates the query of every layer, not only the first
+            f = layer(f if keep is None else f * keep, ref_mean, key_mask)
         return f
 
 
@@ -273,19 +286,33 @@ def _similarity_per_sample(query: torch.Tensor, bank) -> torch.Tensor:
     return out
 
 
-def fuse_scores(delta: torch.Tensor | None, s_cos: torch.Tensor | None, lam: float = 1.0,
-                dim: int | None = None) -> torch.Tensor:
-    """s_hat = (delta_bar + lam * s_cos_bar) / (1 + lam), each term in [0, 1].
+FUSIONS = ("normalised", "literal")
 
-    delta_bar = delta / (2 sqrt(dim)): the L1 distance of two vectors of norm <= 1 is at most
-    sqrt(dim) times their L2 distance, itself at most 2. s_cos_bar = s_cos / 2 (cosine in [-1, 1]).
-    Dividing by 1 + lam keeps s_hat in [0, 1]; with one term missing (ablation) s_hat is that term.
-    The residual bound holds while the reconstruction stays in the unit ball (always at init: it is
-    a convex combination of reference tokens); trained projections may leave it slightly, which the
-    calibration that follows absorbs.
+
+def fuse_scores(delta: torch.Tensor | None, s_cos: torch.Tensor | None, lam: float = 1.0,
+                dim: int | None = None, form: str = "normalised") -> torch.Tensor:
+    """The segmentation score s_hat from the reconstruction residual and the similarity map.
+
+    form="normalised" (default): s_hat = (delta_bar + lam * s_cos_bar) / (1 + lam), each term in
+    [0, 1]. delta_bar = delta / (2 sqrt(dim)): the L1 distance of two vectors of norm <= 1 is at
+    most sqrt(dim) times their L2 distance, itself at most 2. s_cos_bar = s_cos / 2 (cosine in
+    [-1, 1]). Dividing by 1 + lam keeps s_hat in [0, 1]; with one term missing (ablation) s_hat is
+    that term. The residual bound holds while the reconstruction stays in the unit ball (always at
+    init: it is a convex combination of reference tokens); trained projections may leave it
+    slightly, which the calibration that follows absorbs.
+
+    form="literal": the paper's s_hat = delta + lam * s_cos as written, unnormalised. The residual's
+    range is sqrt(dim) times the cosine's, so against "normalised" s_cos weighs sqrt(dim) times
+    less (28x for dim 768).
     """
+    if form not in FUSIONS:
+        raise ValueError(f"fusion must be one of {FUSIONS}, got {form!r}")
     if delta is None and s_cos is None:
         raise ValueError("need the reconstruction residual, the similarity map, or both")
+    if form == "literal":
+        if delta is None:
+            return lam * s_cos
+        return delta if s_cos is None else delta + lam * s_cos
     if delta is not None:
         if dim is None:
             raise ValueError("the residual's normalisation needs the feature width `dim`")
@@ -339,8 +366,9 @@ def _stack_references(ref_cls, batch: int) -> tuple[torch.Tensor, torch.Tensor |
 
 
 class GlobalScore(nn.Module):
-    """y_global = C(|g_cls - g''_cls|): the query class token rebuilt from the K reference class
-    tokens by one ReferenceAttention (identity init, no residual), then the adapter
+    """The earlier reading of the global score (global_score="attention"), kept for comparison:
+    y_global = C(|g_cls - g''_cls|) elementwise, the query class token rebuilt from the K reference
+    class tokens by its own ReferenceAttention (identity init, no residual), then the adapter
     C = Linear(C, hidden) -> ReLU -> Linear(hidden, 1). The last Linear's bias is the learnable
     offset of the image logit."""
 
@@ -358,6 +386,47 @@ class GlobalScore(nn.Module):
     def forward(self, cls: torch.Tensor, ref_cls) -> torch.Tensor:
         """cls (B, C); ref_cls (K, C), (1 or B, K, C) or a list of B (K_b, C) -> logit (B,)."""
         return self.adapter(self.residual(cls, ref_cls)).squeeze(-1)
+
+
+GLOBAL_SCORES = ("paper", "attention")
+
+
+class ScalarAdapter(nn.Module):
+    """C in y_global = C(eta_bar): Linear(1, hidden) -> ReLU -> Linear(hidden, 1) on the scalar
+    normalised residual eta_bar = eta_rec / (2 sqrt(C)) in [0, 1].
+
+    Init: kinks at eta_bar = 0, 1/hidden, ..., all slopes positive, so C starts increasing (a
+    larger residual, a more anomalous image) at a slope of `gain` near 0 growing with eta_bar; the
+    last bias is the learnable offset of the image logit."""
+
+    def __init__(self, hidden: int = 8, gain: float = 4.0):
+        super().__init__()
+        if hidden < 1:
+            raise ValueError(f"global_hidden must be positive, got {hidden}")
+        self.adapter = nn.Sequential(nn.Linear(1, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 1))
+        with torch.no_grad():
+            self.adapter[0].weight.fill_(1.0)
+            self.adapter[0].bias.copy_(-torch.arange(hidden, dtype=torch.float32) / hidden)
+            self.adapter[2].weight.fill_(gain)
+            self.adapter[2].bias.zero_()
+
+    def forward(self, eta_bar: torch.Tensor) -> torch.Tensor:
+        """eta_bar (B,) -> logit (B,)."""
+        return self.adapter(eta_bar.unsqueeze(-1)).squeeze(-1)
+
+
+def class_token_residual(acl: CueGuidedReconstruction, cls: torch.Tensor, ref_cls,
+                         s_amp_cls: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The class token through the shared ACL core: g''_cls = ACL(g_cls, reference class tokens,
+    s_amp_cls) with the same layers (and weights) that rebuild the patch tokens, the query
+    multiplied by (1 - s_amp_cls) before every layer; eta_rec = ||g_cls - g''_cls||_1, a scalar.
+
+    The K reference class tokens are the keys (at K = 1 that is their mean, as ACL's patch side
+    uses; at s_amp_cls = 1 the reconstruction is their mean for any K).
+    cls (B, C); ref_cls as GlobalScore; s_amp_cls (B,) or None -> (eta_rec (B,), g''_cls (B, C))."""
+    refs, mask = _stack_references(ref_cls, cls.shape[0])
+    rec = acl(cls.unsqueeze(1), refs, None if s_amp_cls is None else s_amp_cls.unsqueeze(1), mask).squeeze(1)
+    return (cls - rec).abs().sum(-1), rec
 
 
 def topk_mean(score_map: torch.Tensor, p) -> torch.Tensor:
@@ -481,6 +550,9 @@ class DCPSFROutput:
     reconstruction: torch.Tensor | None = None  # (B, N, C), None without ACL
     delta_rec: torch.Tensor | None = None  # (B, N), None without ACL
     s_cos: torch.Tensor | None = None  # (B, N), None without SSR
+    eta_rec: torch.Tensor | None = None  # (B,) class-token L1 residual (global_score="paper" with ACL)
+    s_init_cls: torch.Tensor | None = None  # (B,) CLIP class token vs prompts ("paper" with CACA)
+    s_amp_cls: torch.Tensor | None = None  # (B,) its amplified cue, modulating the class-token query
 
     @property
     def has_cue(self) -> bool:
@@ -500,45 +572,69 @@ class DCPSFRHeads(nn.Module):
     """Every trainable DCP-SFR part except the prompts (they need the text encoder: pass their
     features as `text_features`).
 
-    Ablations: use_caca=False -> no modulation (s_amp = 0), no CLIP input needed; use_acl=False ->
-    s_hat from s_cos alone; use_ssr=False -> s_hat from delta_rec alone, no bank needed (and no
-    edge loss). The image score (class-token reconstruction + top-p) is kept in every ablation.
+    global_score="paper" (default): the CLIP class token is compared with the prompts (CACA's
+    class-token side, s_amp_cls), the DINOv2 class token is rebuilt from the reference class
+    tokens by the same ACL layers with the query modulated by (1 - s_amp_cls), and
+    y_global = C(eta_rec / (2 sqrt(C))) with eta_rec the scalar L1 residual (ScalarAdapter).
+    global_score="attention": the earlier reading, a separate attention over the reference class
+    tokens and an MLP on the elementwise |residual| (GlobalScore), kept for comparison.
+
+    fusion: "normalised" (default) or "literal", see fuse_scores.
+
+    Ablations: use_caca=False -> no modulation (s_amp = 0, s_amp_cls = 0), no CLIP input needed;
+    use_acl=False -> s_hat from s_cos alone and, with global_score="paper", no class-token
+    reconstruction either (ACL is the core both share): y = mu * y_local; use_ssr=False -> s_hat
+    from delta_rec alone, no bank needed (and no edge loss).
     """
 
     def __init__(self, clip_dim: int, n_clip_layers: int, dino_dim: int, *, n_ctx: int = 12, tau: float = 0.07,
                  n_rec_layers: int = 2, lam: float = 1.0, mu: float = 2.0, use_caca: bool = True,
                  use_acl: bool = True, use_ssr: bool = True, adapter: bool = True, amp_gain: float = 8.0,
-                 amp_hidden: int = 8, rec_temperature: float = REC_TEMPERATURE, global_hidden: int = 64,
+                 amp_hidden: int = 8, rec_temperature: float = REC_TEMPERATURE, global_score: str = "paper",
+                 global_hidden: int | None = None, global_gain: float = 4.0,
                  kappa_hidden: int = 8, p_min: float = 0.001, p_max: float = 0.2, p_init: float = 0.02,
                  topk_temperature: float = 1.0, calib_slope: float = 10.0, calib_threshold: float = 0.3,
-                 init: str = "identity"):
+                 fusion: str = "normalised", init: str = "identity"):
         super().__init__()
         if init not in ("identity", "scratch"):
             raise ValueError(f"init must be 'identity' or 'scratch', got {init!r}")
+        if global_score not in GLOBAL_SCORES:
+            raise ValueError(f"global_score must be one of {GLOBAL_SCORES}, got {global_score!r}")
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
         if not (use_acl or use_ssr):
             raise ValueError("without ACL and SSR there is no segmentation score")
         self.clip_dim, self.n_clip_layers, self.dino_dim = clip_dim, n_clip_layers, dino_dim
         self.n_ctx = n_ctx  # for whoever builds the PromptLearner that feeds these heads
         self.lam, self.mu = lam, mu
         self.use_caca, self.use_acl, self.use_ssr = use_caca, use_acl, use_ssr
+        self.global_mode, self.fusion = global_score, fusion
         self.caca = CueAmplification(clip_dim, n_clip_layers, tau, adapter, amp_gain, amp_hidden) if use_caca else None
         self.acl = CueGuidedReconstruction(dino_dim, n_rec_layers, rec_temperature) if use_acl else None
+        if fusion == "literal":  # the same initial operating point on the residual's own scale
+            scale = 2 * math.sqrt(dino_dim)
+            calib_slope, calib_threshold = calib_slope / scale, calib_threshold * scale
         self.calibration = ScoreCalibration(calib_slope, calib_threshold)
-        self.global_score = GlobalScore(dino_dim, global_hidden, rec_temperature)
+        if global_score == "attention":
+            self.global_score = GlobalScore(dino_dim, 64 if global_hidden is None else global_hidden, rec_temperature)
+        else:  # without ACL there is no class-token reconstruction, hence no adapter to train
+            self.global_score = ScalarAdapter(8 if global_hidden is None else global_hidden, global_gain) \
+                if use_acl else None
         self.local_score = LocalScore(kappa_hidden, p_min, p_max, p_init, topk_temperature)
         if init == "scratch":  # the paper's "trained from scratch": PyTorch's default init everywhere
-            for part in (self.caca, self.acl, self.global_score.attention):
+            for part in (self.caca, self.acl, self.global_score):
                 for m in (part.modules() if part is not None else ()):
                     if isinstance(m, (nn.Linear, nn.Conv2d)):
                         m.reset_parameters()
 
     def forward(self, clip_tokens: Sequence[torch.Tensor] | None, text_features: torch.Tensor | None,
                 dino_tokens: torch.Tensor, dino_cls: torch.Tensor, ref_mean: torch.Tensor | None,
-                ref_cls, bank, grid: tuple[int, int]) -> DCPSFROutput:
+                ref_cls, bank, grid: tuple[int, int], clip_cls: torch.Tensor | None = None) -> DCPSFROutput:
         """clip_tokens: m x (B, N, D) and text_features (2, D) (unused without CACA);
         dino_tokens (B, N, C); dino_cls (B, C); ref_mean (B or 1, N, C) or (N, C) (unused without ACL);
         ref_cls (K, C), (1 or B, K, C) or a list of B (K_b, C); bank (M, C), (B, M, C) or a list of B
-        (M_b, C) (unused without SSR); grid (h, w) with h * w = N."""
+        (M_b, C) (unused without SSR); grid (h, w) with h * w = N; clip_cls (B, D) the CLIP class
+        token in the joint space (global_score="paper" with CACA and ACL)."""
         B, N, C = dino_tokens.shape
         _check_grid(N, grid)
         grid = (int(grid[0]), int(grid[1]))
@@ -560,15 +656,29 @@ class DCPSFRHeads(nn.Module):
             if bank is None:
                 raise ValueError("SSR needs a memory bank")
             s_cos = _similarity_per_sample(dino_tokens, bank)
-        score = fuse_scores(delta, s_cos, self.lam, C)
+        score = fuse_scores(delta, s_cos, self.lam, C, self.fusion)
         seg_prob = self.calibration(score).reshape(B, *grid)
-        global_logit = self.global_score(dino_cls, ref_cls)
+        eta = s_init_cls = s_amp_cls = None
+        if self.global_mode == "attention":
+            global_logit = self.global_score(dino_cls, ref_cls)
+        elif self.acl is None:
+            global_logit = dino_cls.new_zeros(B)  # the class-token reconstruction is ACL's: nothing left
+        else:
+            if self.caca is not None:
+                if clip_cls is None:
+                    raise ValueError("the paper's global score needs the CLIP class token `clip_cls` "
+                                     "(or global_score='attention')")
+                s_init_cls, s_amp_cls = self.caca.global_cue(clip_cls, text_features)
+            eta, _ = class_token_residual(self.acl, dino_cls, ref_cls, s_amp_cls)
+            global_logit = self.global_score(eta / (2 * math.sqrt(C)))
+        # kappa and the top-p mean read the calibrated map on the patch grid
         local, p = self.local_score(seg_prob)
         return DCPSFROutput(
             grid=grid, s_amp=s_amp, score=score, seg_prob=seg_prob,
             image_logit=global_logit + self.mu * local, global_logit=global_logit, local_score=local, top_p=p,
             layer_probs=None if cue is None else cue.layer_probs, s_init=None if cue is None else cue.s_init,
-            reconstruction=rec, delta_rec=delta, s_cos=s_cos)
+            reconstruction=rec, delta_rec=delta, s_cos=s_cos, eta_rec=eta, s_init_cls=s_init_cls,
+            s_amp_cls=s_amp_cls)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -580,14 +690,26 @@ def _upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(maps.unsqueeze(1), size=size, mode="bilinear", align_corners=True).squeeze(1)
 
 
-def _focal_dice(prob: torch.Tensor, mask: torch.Tensor, alpha: float, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _focal_dice(prob: torch.Tensor, mask: torch.Tensor, alpha: float | None, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
     return focal_loss(torch.stack([1 - prob, prob], dim=1), mask, gamma=gamma, alpha=alpha), dice_loss(prob, mask)
+
+
+ALPHA_BETA = ("focal", "loss_weights")
+FOCAL_GAMMA = 2.0  # focal loss's usual gamma, used when alpha / beta weigh the loss terms instead
 
 
 def dcpsfr_loss(out: DCPSFROutput, masks: torch.Tensor, labels: torch.Tensor, alpha: float = 0.9,
                 gamma: float = 2.0, use_edge: bool = True, cue_weight: float = 1.0,
-                edge_weight: float = 1.0, edge_at: str = "grid") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                edge_weight: float = 1.0, edge_at: str = "grid",
+                alpha_beta: str = "focal") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Total loss and its parts.
+
+    The paper's "alpha = 0.9, beta = 2.0" (`alpha`, `gamma` here), two readings:
+    alpha_beta="focal" (default): they parametrise the focal loss, class weight alpha on the
+    anomaly pixels and focusing exponent beta; every term has weight 1.
+    alpha_beta="loss_weights": they weigh the segmentation terms of the total objective,
+    cls + alpha * focal + beta * Dice (+ the edge and cue terms), the focal loss unweighted with
+    gamma = FOCAL_GAMMA.
 
     cls: BCE-with-logits of image_logit on labels. seg_focal + seg_dice: alpha-focal and Dice of
     seg_prob upsampled (bilinear, align_corners=True) to the mask size. edge: edge Dice (only with
@@ -599,13 +721,19 @@ def dcpsfr_loss(out: DCPSFROutput, masks: torch.Tensor, labels: torch.Tensor, al
     upsampled from the grid only has ramps (about 1/14 of a step per pixel for ViT-14), which can
     never match a mask's one-pixel edges at image size. "mask" compares them at the mask size.
     """
+    if alpha_beta not in ALPHA_BETA:
+        raise ValueError(f"alpha_beta must be one of {ALPHA_BETA}, got {alpha_beta!r}")
+    if alpha_beta == "focal":
+        focal_alpha, focal_gamma, w_focal, w_dice = alpha, gamma, 1.0, 1.0
+    else:
+        focal_alpha, focal_gamma, w_focal, w_dice = None, FOCAL_GAMMA, alpha, gamma
     H, W = masks.shape[-2:]
     masks = masks.to(out.seg_prob.dtype)
     seg = _upsample(out.seg_prob, (H, W))
     parts: dict[str, torch.Tensor] = {}
     parts["cls"] = F.binary_cross_entropy_with_logits(out.image_logit, labels.to(out.image_logit.dtype))
-    parts["seg_focal"], parts["seg_dice"] = _focal_dice(seg, masks, alpha, gamma)
-    total = parts["cls"] + parts["seg_focal"] + parts["seg_dice"]
+    parts["seg_focal"], parts["seg_dice"] = _focal_dice(seg, masks, focal_alpha, focal_gamma)
+    total = parts["cls"] + w_focal * parts["seg_focal"] + w_dice * parts["seg_dice"]
     if use_edge and out.has_ssr:
         if edge_at == "grid":
             small = F.interpolate(masks.unsqueeze(1), size=out.grid, mode="area").squeeze(1)
@@ -617,6 +745,6 @@ def dcpsfr_loss(out: DCPSFROutput, masks: torch.Tensor, labels: torch.Tensor, al
         total = total + edge_weight * parts["edge"]
     if out.has_cue and cue_weight > 0:
         cue = _upsample(out.grid_map(out.s_amp), (H, W))
-        parts["cue_focal"], parts["cue_dice"] = _focal_dice(cue, masks, alpha, gamma)
-        total = total + cue_weight * (parts["cue_focal"] + parts["cue_dice"])
+        parts["cue_focal"], parts["cue_dice"] = _focal_dice(cue, masks, focal_alpha, focal_gamma)
+        total = total + cue_weight * (w_focal * parts["cue_focal"] + w_dice * parts["cue_dice"])
     return total, parts

@@ -39,8 +39,10 @@ class TrainConfig:
     batch_size: int = 8
     lr: float | None = None  # None = the method config's training.lr
     betas: tuple[float, float] | None = None  # None = the method config's training.betas
-    train_k_shot: int = 10  # references per category while training (the authors' effective value)
-    augment: str = "mosaic"  # mosaic (MVTec), crop (VisA) or none
+    # None = the method config's training.train_k_shot / training.augment, else 10 and mosaic
+    # (FDSL's authors' effective values); train.resolve_training fills them in
+    train_k_shot: int | None = None  # references per category while training
+    augment: str | None = None  # mosaic (MVTec), crop (VisA) or none
     mosaic_p: float = 0.3
     crop_p: float = 0.6
     crop_plus: float = 0.6
@@ -133,7 +135,7 @@ def validate_train(cfg: TrainConfig) -> None:
     check_seed(cfg.seed)
     check_int(cfg.epochs, "--epochs", 1)
     check_int(cfg.batch_size, "--batch-size", 1)
-    check_int(cfg.train_k_shot, "--train-k-shot", 1)
+    check_int(cfg.train_k_shot, "--train-k-shot", 1, optional=True)
     check_int(cfg.workers, "--workers", 0)
     check_int(cfg.max_steps, "--max-steps", 1, optional=True)
     check_number(cfg.lr, "--lr", 0.0, low_open=True, optional=True)

@@ -7,8 +7,9 @@ import torch.nn.functional as F
 
 from models.dcpsfr import (
     CueAmplification, CueGuidedReconstruction, DCPSFRHeads, DCPSFRReference, GlobalScore, LocalScore,
-    PromptLearner, ReferenceAttention, ScoreCalibration, build_reference, collate_references, dcpsfr_loss,
-    delta_rec, fuse_scores, similarity_map, soft_topk_mean, topk_mean)
+    PromptLearner, ReferenceAttention, ScalarAdapter, ScoreCalibration, build_reference, class_token_residual,
+    collate_references, dcpsfr_loss, delta_rec, fuse_scores, similarity_map, soft_topk_mean, topk_mean)
+from utils.losses import dice_loss, edge_dice_loss, focal_loss
 
 
 def unit(*shape, seed=0):
@@ -355,7 +356,7 @@ def make_inputs(B=2, K=2, seed=0):
     return dict(clip_tokens=[unit(B, N, D, seed=seed + 3 + l) for l in range(M_LAYERS)],
                 text_features=unit(2, D, seed=seed + 7), dino_tokens=unit(B, N, C_DINO, seed=seed + 8),
                 dino_cls=unit(B, C_DINO, seed=seed + 9), ref_mean=ref.ref_mean, ref_cls=ref.ref_cls,
-                bank=ref.bank, grid=GRID)
+                bank=ref.bank, grid=GRID, clip_cls=unit(B, D, seed=seed + 10))
 
 
 def test_build_reference_shapes():
@@ -446,7 +447,8 @@ def test_mixed_categories_in_one_batch_match_separate_runs():
     for b, ref in enumerate(order):
         single = heads(clip_tokens=[t[b:b + 1] for t in x["clip_tokens"]], text_features=x["text_features"],
                        dino_tokens=x["dino_tokens"][b:b + 1], dino_cls=x["dino_cls"][b:b + 1],
-                       ref_mean=ref.ref_mean, ref_cls=ref.ref_cls, bank=ref.bank, grid=GRID)
+                       ref_mean=ref.ref_mean, ref_cls=ref.ref_cls, bank=ref.bank, grid=GRID,
+                       clip_cls=x["clip_cls"][b:b + 1])
         torch.testing.assert_close(joint.seg_prob[b:b + 1], single.seg_prob)
         torch.testing.assert_close(joint.image_logit[b:b + 1], single.image_logit)
 
@@ -489,10 +491,228 @@ def test_init_identity_or_from_scratch():
     """identity (default): attention and adapters start as the identity, so the untrained model is a
     training-free matcher; scratch: PyTorch's default init, the paper's literal 'trained from scratch'."""
     torch.manual_seed(0)
-    ident = DCPSFRHeads(8, 2, 6)
-    scratch = DCPSFRHeads(8, 2, 6, init="scratch")
+    ident = DCPSFRHeads(8, 2, 6, global_score="attention")
+    scratch = DCPSFRHeads(8, 2, 6, init="scratch", global_score="attention")
     for heads, same in ((ident, True), (scratch, False)):
         for lin in (heads.acl.layers[0].q, heads.global_score.attention.v, heads.caca.adapters[1]):
             assert torch.equal(lin.weight, torch.eye(lin.weight.shape[0])) is same
+    # the paper's adapter C starts increasing; scratch resets it to PyTorch's default
+    c0 = DCPSFRHeads(8, 2, 6).global_score.adapter[2].weight
+    assert torch.all(c0 == 4.0)
+    assert not torch.all(DCPSFRHeads(8, 2, 6, init="scratch").global_score.adapter[2].weight == 4.0)
     with pytest.raises(ValueError, match="init must be"):
         DCPSFRHeads(8, 2, 6, init="random")
+
+
+# ---------------------------------------------------------------------------------------------
+# the cue steers: each test here failed on one wrong version of the model (issue 20)
+
+
+def test_full_reconstruction_is_acl_under_the_amplified_cue():
+    """Wrong versions caught: ACL run without the cue map; ACL guided by s_init instead of s_amp."""
+    heads = DCPSFRHeads(D, M_LAYERS, C_DINO)
+    x = make_inputs()
+    out = heads(**x)
+    want = heads.acl(x["dino_tokens"], x["ref_mean"], out.s_amp)
+    torch.testing.assert_close(out.reconstruction, want)
+    # the alternatives differ by far more than the tolerance, so the equality above decides
+    for other in (heads.acl(x["dino_tokens"], x["ref_mean"], None), heads.acl(x["dino_tokens"], x["ref_mean"], out.s_init)):
+        assert (other - want).abs().max() > 1e-2
+
+
+def test_full_output_depends_on_the_text_features():
+    """Wrong version caught: ACL without the cue map (the prompts then steer neither map nor score)."""
+    heads = DCPSFRHeads(D, M_LAYERS, C_DINO)
+    x = make_inputs()
+    out = heads(**x)
+    other = heads(**{**x, "text_features": unit(2, D, seed=99)})
+    assert (other.seg_prob - out.seg_prob).abs().max() > 1e-3
+    assert (other.image_logit - out.image_logit).abs().max() > 1e-4
+
+
+def test_modulation_happens_before_every_acl_layer():
+    """Wrong version caught: (1 - s_amp) applied before the first layer only."""
+    B, N_, C = 2, 6, 8
+    query, ref = unit(B, N_, C, seed=21), unit(1, N_, C, seed=22)
+    acl = CueGuidedReconstruction(C, n_layers=3)
+    s_amp = torch.rand(B, N_, generator=torch.Generator().manual_seed(23)) * 0.8 + 0.1
+    ins, outs = [], []
+
+    def record(mod, args, res):
+        ins.append(args[0])
+        outs.append(res)
+
+    for layer in acl.layers:
+        layer.register_forward_hook(record)
+    rec = acl(query, ref, s_amp)
+    keep = (1 - s_amp).unsqueeze(-1)
+    torch.testing.assert_close(ins[0], query * keep)
+    for z in (1, 2):
+        torch.testing.assert_close(ins[z], outs[z - 1] * keep)
+        assert (ins[z] - outs[z - 1]).abs().max() > 1e-2  # the modulation is not a no-op here
+    torch.testing.assert_close(rec, outs[-1])
+
+
+def test_caca_renormalises_after_the_layer_adapter():
+    """Wrong version caught: no re-normalisation after the per-layer adapter (the cosine would grow
+    with the adapter's scale)."""
+    D_, m, B = 8, 2, 2
+    tokens = [unit(B, 6, D_, seed=30 + l) for l in range(m)]
+    text = unit(2, D_, seed=33)
+    caca = CueAmplification(D_, m, tau=0.07)
+    g = torch.Generator().manual_seed(34)
+    with torch.no_grad():
+        for lin in caca.adapters:  # a trained-looking adapter that also changes the norm
+            lin.weight.copy_(3.0 * torch.eye(D_) + 0.5 * torch.randn(D_, D_, generator=g))
+            lin.bias.copy_(0.3 * torch.randn(D_, generator=g))
+    probs = caca.layer_probabilities(tokens, text)
+    for l in range(m):
+        cos = F.normalize(caca.adapters[l](tokens[l]), dim=-1) @ text.T
+        torch.testing.assert_close(probs[l], (cos / 0.07).softmax(-1)[..., 1])
+
+
+def test_kappa_and_top_p_read_the_calibrated_map():
+    """Wrong version caught: kappa / top-p read from the uncalibrated s_hat."""
+    heads = DCPSFRHeads(D, M_LAYERS, C_DINO)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        nn.init.normal_(heads.local_score.head.weight, std=2.0)  # kappa must react to its input
+    x = make_inputs()
+    out = heads(**x)
+    raw = out.grid_map(out.score)
+    assert (out.seg_prob - raw).abs().max() > 0.1  # the calibrated map is not s_hat
+    torch.testing.assert_close(out.top_p, heads.local_score.ratio(out.seg_prob))
+    torch.testing.assert_close(out.local_score, soft_topk_mean(out.seg_prob, out.top_p, heads.local_score.temperature))
+    assert (heads.local_score(raw)[0] - out.local_score).abs().max() > 1e-3
+
+
+def test_edge_loss_depends_on_the_prediction():
+    """Wrong version caught: the edge loss comparing the mask with itself."""
+    heads = DCPSFRHeads(D, M_LAYERS, C_DINO)
+    x = make_inputs()
+    masks = torch.zeros(2, 6, 8)
+    masks[0, 1:5, 2:6] = 1
+    labels = torch.tensor([1.0, 0.0])
+    out = heads(**x)
+    _, parts = dcpsfr_loss(out, masks, labels)
+    small = F.interpolate(masks[:, None], size=GRID, mode="area")[:, 0]
+    torch.testing.assert_close(parts["edge"], edge_dice_loss(out.seg_prob, small))
+    with torch.no_grad():
+        heads.calibration.threshold.fill_(-1.0)  # a flat, saturated map: no edges at all
+    _, flat = dcpsfr_loss(heads(**x), masks, labels)
+    assert flat["edge"] > parts["edge"] + 0.05
+
+
+# ---------------------------------------------------------------------------------------------
+# the paper's global score, fusion forms, alpha / beta readings
+
+
+def test_paper_global_score_shares_the_acl_core_and_uses_a_scalar_residual():
+    heads = DCPSFRHeads(D, M_LAYERS, C_DINO)
+    assert isinstance(heads.global_score, ScalarAdapter)
+    assert not any("attention" in n for n, _ in heads.global_score.named_parameters())
+    x = make_inputs()
+    out = heads(**x)
+    # CLIP class token vs prompts, amplified by the same A on a 1x1 grid
+    cos = F.normalize(x["clip_cls"], dim=-1) @ F.normalize(x["text_features"], dim=-1).T
+    s_cls = (cos / heads.caca.tau).softmax(-1)[:, 1]
+    torch.testing.assert_close(out.s_init_cls, s_cls)
+    torch.testing.assert_close(out.s_amp_cls, torch.sigmoid(heads.caca.amplifier.gain * (s_cls - heads.caca.amplifier.shift)))
+    # the class token rebuilt by the same ACL layers, query modulated by (1 - s_amp_cls), keys the K class tokens
+    rec = heads.acl(x["dino_cls"][:, None], x["ref_cls"][None], out.s_amp_cls[:, None])[:, 0]
+    eta = (x["dino_cls"] - rec).abs().sum(-1)
+    assert eta.shape == (2,)
+    torch.testing.assert_close(out.eta_rec, eta)
+    torch.testing.assert_close(out.global_logit, heads.global_score(eta / (2 * math.sqrt(C_DINO))))
+    torch.testing.assert_close(out.image_logit, out.global_logit + heads.mu * out.local_score)
+    # shared weights: changing ACL changes the global score; the CLIP class token steers it
+    other_clip = heads(**{**x, "clip_cls": unit(2, D, seed=77)})
+    assert (other_clip.global_logit - out.global_logit).abs().max() > 1e-4
+    with torch.no_grad():
+        heads.acl.layers[1].v.weight.mul_(0.5)
+    assert (heads(**x).global_logit - out.global_logit).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="clip_cls"):
+        heads(**{**x, "clip_cls": None})
+
+
+def test_class_token_residual_exact_for_a_matching_token_and_mean_at_full_cue():
+    C = 32
+    refs = unit(3, C, seed=41)
+    acl = CueGuidedReconstruction(C, n_layers=2)
+    cls = torch.stack([refs[2], unit(C, seed=42)])
+    eta, _ = class_token_residual(acl, cls, refs, torch.zeros(2))
+    assert eta[0] < 1e-3 and eta[1] > 1.0
+    # a fully anomalous cue: the query is zeroed before every layer, the result is the mean of the
+    # (projected) reference class tokens whatever the query
+    _, rec = class_token_residual(acl, cls, refs, torch.ones(2))
+    last = acl.layers[-1]
+    torch.testing.assert_close(rec, last.o(last.v(refs)).mean(0).expand(2, C))
+    # padded reference sets of unequal K give the per-sample result
+    sets = [unit(1, C, seed=43), unit(4, C, seed=44)]
+    s = torch.tensor([0.2, 0.7])
+    got, _ = class_token_residual(acl, cls, sets, s)
+    for b in range(2):
+        torch.testing.assert_close(got[b:b + 1], class_token_residual(acl, cls[b:b + 1], sets[b], s[b:b + 1])[0])
+
+
+def test_scalar_adapter_starts_increasing():
+    c = ScalarAdapter(hidden=8, gain=4.0)
+    y = c(torch.linspace(0, 1, 11))
+    assert torch.all(y[1:] > y[:-1]) and y[0] == 0
+
+
+def test_no_acl_removes_the_class_token_reconstruction_with_the_paper_score():
+    heads = DCPSFRHeads(D, M_LAYERS, C_DINO, use_acl=False)
+    assert heads.global_score is None
+    out = heads(**{**make_inputs(), "clip_cls": None})
+    assert out.eta_rec is None and torch.all(out.global_logit == 0)
+    torch.testing.assert_close(out.image_logit, heads.mu * out.local_score)
+    # the earlier reading keeps its separate class-token attention in every ablation
+    legacy = DCPSFRHeads(D, M_LAYERS, C_DINO, use_acl=False, global_score="attention")
+    assert isinstance(legacy.global_score, GlobalScore)
+    x = make_inputs()
+    got = legacy(**x)
+    torch.testing.assert_close(got.global_logit, legacy.global_score(x["dino_cls"], x["ref_cls"]))
+
+
+def test_no_caca_global_reconstruction_is_unmodulated():
+    heads = DCPSFRHeads(D, M_LAYERS, C_DINO, use_caca=False)
+    x = make_inputs()
+    out = heads(**{**x, "clip_tokens": None, "text_features": None, "clip_cls": None})
+    assert out.s_amp_cls is None
+    eta, _ = class_token_residual(heads.acl, x["dino_cls"], x["ref_cls"], None)
+    torch.testing.assert_close(out.eta_rec, eta)
+
+
+def test_fusion_literal_is_the_papers_sum_and_bad_names_are_refused():
+    heads = DCPSFRHeads(D, M_LAYERS, C_DINO, fusion="literal")
+    out = heads(**make_inputs())
+    torch.testing.assert_close(out.score, out.delta_rec + heads.lam * out.s_cos)
+    # the calibration starts at the same operating point on the residual's own scale
+    scale = 2 * math.sqrt(C_DINO)
+    assert heads.calibration.threshold.item() == pytest.approx(0.3 * scale)
+    assert heads.calibration.log_slope.exp().item() == pytest.approx(10.0 / scale)
+    with pytest.raises(ValueError, match="fusion"):
+        DCPSFRHeads(D, M_LAYERS, C_DINO, fusion="sum")
+    with pytest.raises(ValueError, match="global_score"):
+        DCPSFRHeads(D, M_LAYERS, C_DINO, global_score="clip")
+
+
+def test_alpha_beta_as_loss_weights():
+    heads = DCPSFRHeads(D, M_LAYERS, C_DINO)
+    out = heads(**make_inputs())
+    masks = torch.zeros(2, 6, 8)
+    masks[1, 2:5, 3:7] = 1
+    labels = torch.tensor([0.0, 1.0])
+    total, parts = dcpsfr_loss(out, masks, labels, alpha=0.9, gamma=2.0, alpha_beta="loss_weights")
+    up = F.interpolate(out.seg_prob[:, None], size=(6, 8), mode="bilinear", align_corners=True)[:, 0]
+    torch.testing.assert_close(parts["seg_focal"], focal_loss(torch.stack([1 - up, up], 1), masks, gamma=2.0))
+    torch.testing.assert_close(parts["seg_dice"], dice_loss(up, masks))
+    want = (parts["cls"] + 0.9 * parts["seg_focal"] + 2.0 * parts["seg_dice"] + parts["edge"]
+            + 0.9 * parts["cue_focal"] + 2.0 * parts["cue_dice"])
+    torch.testing.assert_close(total, want)
+    # the default reading weighs the focal loss's classes instead
+    _, focal = dcpsfr_loss(out, masks, labels, alpha=0.9, gamma=2.0)
+    assert not torch.isclose(focal["seg_focal"], parts["seg_focal"])
+    with pytest.raises(ValueError, match="alpha_beta"):
+        dcpsfr_loss(out, masks, labels, alpha_beta="weights")
