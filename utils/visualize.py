@@ -79,6 +79,17 @@ class ColourScale:
             return cls(0.0, 1.0, None, colormap)
         return cls(0.0, 1.0 if threshold < 1.0 else 2.0 * float(threshold), float(threshold), colormap)
 
+    @classmethod
+    def centred(cls, floor: float, threshold: float, colormap: str = DEFAULT_COLORMAP) -> "ColourScale":
+        """floor -> bottom colour, threshold -> middle, threshold + (threshold - floor) -> top: the scale of
+        a calibrated run (utils/calibration.py), on the method's own range whatever it is. A floor not
+        below the threshold (constant normal maps) gets a small span below it instead."""
+        floor, threshold = float(floor), float(threshold)
+        span = threshold - floor
+        if not span > 0:
+            span = max(abs(threshold), 1.0) * 1e-3
+        return cls(threshold - span, threshold + span, threshold, colormap)
+
     def normalise(self, values) -> np.ndarray:
         """Values -> [0, 1] positions on the colormap."""
         v = np.asarray(values, dtype=np.float64)
