@@ -3,6 +3,7 @@
     python test.py --data-root DIR --dataset visa --checkpoint CKPT --k-shot 1 --seed 0
     python test.py --data-root DIR --dataset visa --method knn --backbone tiny_clip   # training-free
     python test.py --data-root DIR --method knn --param top_percent=1 --param 'rotations=[0,90,180,270]'
+    python test.py --data-root DIR --method knn --k-shot 4 --calibrate 20   # + thresholds without labels
 
 Writes results/<model_name>/<dataset>/<k>shot/seed<s>/{config.json, metrics.json, table.md}
 and skips a run whose metrics.json already exists (use --force to redo it). The results folder is
