@@ -6,6 +6,7 @@
         --threshold-from results/NAME/DATASET/1shot/seed0 --category candle
     python predict.py --method knn --backbone tiny_clip --refs REF_DIR --images PHOTOS --out OUT  # training-free
     python predict.py --method anomalydino --category screw --refs REF_DIR --images PHOTOS --out OUT  # masks screws
+    python predict.py --method knn --refs REF_DIR --calibrate NORMAL_DIR --images PHOTOS --out OUT  # thresholds
 
 Writes to OUT, per query photo, <name>_overlay.png (the photo at its own size with the anomaly map
 blended in) and, with a threshold, <name>_mask.png (white = map >= threshold); then predictions.csv
@@ -13,6 +14,15 @@ and predictions.json (highest score first, with the run's settings, skipped file
 index.html: the same run as a page (thumbnails by score, flags, full-size overlay, mask and original).
 <name> is the photo's file stem, prefixed with parent folder names when stems repeat, the same
 number of folders for every photo of the run (good/000.png, crack/000.png -> good_000, crack_000).
+
+Thresholds without labels: --calibrate NORMAL_PHOTOS (normal photos that are neither references nor
+queries) scores them against the references and takes the image threshold (anomalous: score >=
+the maximum of their scores, --image-percentile) and the pixel threshold (masks: the 99.9th
+percentile of their pooled map values, --pixel-percentile) from them; the overlays' colour scale
+then runs from the median normal pixel (bottom colour) through the pixel threshold (middle colour),
+so normal regions are cold. Without --calibrate, 2 or more references give the same estimate by
+leave-one-out (each scored against the others; weaker, and said so); --threshold and
+--threshold-from override both. The rule and its reasons: utils/calibration.py.
 
 Scores: `score` is the method's own per-photo score (`Method.predict`), which does not depend on
 the other photos of the run. FDSL's evaluation score (test.py) additionally min-max normalises the
@@ -38,10 +48,12 @@ from tqdm import tqdm
 
 from data.folder import is_image_file, list_image_files
 from data.images import read_image
-from data.photos import check_output_folder, distinct_references, split_off_references
+from data.photos import check_calibration_photos, check_output_folder, distinct_references, split_off_references
 from methods import list_methods, load_method_config
 from methods.base import InferenceOptions, Method
 from methods.checkpoint import build_method, read_checkpoint
+from utils.calibration import (CALIBRATION, DEFAULT_IMAGE_PERCENTILE, DEFAULT_PIXEL_PERCENTILE, LEAVE_ONE_OUT,
+                               Calibration, check_percentile, estimate, leave_one_out, score_images)
 from utils.cli import run_cli
 from utils.config import IMAGE_INDEX, PRECISIONS, WINMODES, check_image_size, parse_params, resolve_device
 from utils.html import predictions_page
@@ -135,6 +147,22 @@ class Threshold:
     rule: str = ""  # the `anomalous` rule, in words
     warnings: list[str] = field(default_factory=list)
     run_config: dict | None = None  # the threshold run's config.json, to compare settings with
+    calibration: Calibration | None = None  # the normal range measured by --calibrate or leave-one-out
+
+    def as_dict(self) -> dict:
+        return {"pixel": self.pixel, "image": self.image, "source": self.source, "category": self.category,
+                "anomalous_rule": self.rule, "warnings": self.warnings,
+                "calibration": None if self.calibration is None else self.calibration.as_dict()}
+
+
+NO_THRESHOLD_HINT = ("no threshold: one reference gives no estimate of the normal range; pass --calibrate "
+                     "NORMAL_PHOTOS (normal photos that are neither references nor queries), or 2 or more "
+                     "references (leave-one-out), or --threshold T")
+
+
+def from_calibration(cal: Calibration) -> Threshold:
+    """The run's threshold from a measured normal range (source 'calibration' or the leave-one-out one)."""
+    return Threshold(pixel=cal.pixel, image=cal.image, source=cal.source, rule=cal.rule, calibration=cal)
 
 
 def set_relative(method: Method | type[Method]) -> bool:
@@ -254,13 +282,38 @@ def _tensor(arr: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
+def read_stack(paths: list[Path], size: int) -> torch.Tensor:
+    """The photos squashed to size x size, as one (N, 3, size, size) tensor; an unreadable one is an error."""
+    return torch.stack([_tensor(read_image(p, size)[0]) for p in paths])
+
+
 def fit_references(method: Method, paths: list[Path], batch_size: int, category: str | None = None):
     """The reference state from the k photos, read in batches (an unreadable reference is an error:
     without it the run would silently use fewer references than asked); `category` names the product."""
-    chunks = []
-    for s in range(0, len(paths), batch_size):
-        chunks.append(torch.stack([_tensor(read_image(p, method.image_size)[0]) for p in paths[s:s + batch_size]]))
-    return method.fit(torch.cat(chunks), [str(p) for p in paths], batch_size, category=category)
+    return method.fit(read_stack(paths, method.image_size), [str(p) for p in paths], batch_size, category=category)
+
+
+def calibrate(method: Method, state, photos: list[Path], args) -> Calibration:
+    """The normal range of `photos` scored against the fitted references (maps at the input size, so
+    every photo weighs the same in the pixel percentile). An unreadable photo is an error: the
+    threshold would silently rest on fewer photos than given."""
+    size = method.image_size
+    maps, scores = [], []
+    for s in range(0, len(photos), args.batch_size):
+        m, sc = score_images(method, state, read_stack(photos[s:s + args.batch_size], size), (size, size),
+                             args.batch_size)
+        maps.append(m)
+        scores.append(sc)
+    return estimate(np.concatenate(maps), np.concatenate(scores), [str(p) for p in photos], source=CALIBRATION,
+                    pixel_percentile=args.pixel_percentile, image_percentile=args.image_percentile)
+
+
+def calibrate_leave_one_out(method: Method, refs: list[Path], args, category: str | None) -> Calibration:
+    size = method.image_size
+    maps, scores = leave_one_out(method, read_stack(refs, size), [str(p) for p in refs], (size, size),
+                                 args.batch_size, category)
+    return estimate(maps, scores, [str(p) for p in refs], source=LEAVE_ONE_OUT,
+                    pixel_percentile=args.pixel_percentile, image_percentile=args.image_percentile)
 
 
 # --------------------------------------------------------------------------- #
@@ -297,9 +350,13 @@ def predict(args) -> Path:
     if args.threshold is not None and args.threshold_from:
         raise ValueError("--threshold and --threshold-from exclude each other: give a value or a results folder")
     params = parse_params(args.param)
-    check_output_folder(args.out, args.refs, args.images)  # writable, and no input reads it back
+    check_percentile(args.pixel_percentile, "--pixel-percentile")
+    check_percentile(args.image_percentile, "--image-percentile")
+    check_output_folder(args.out, args.refs, args.images, args.calibrate or [])  # writable, no input reads it back
     refs = distinct_references(collect_images(args.refs, "reference"))
     queries, skipped = split_off_references(collect_images(args.images, "query"), refs)  # a reference: not scored
+    normal = collect_images(args.calibrate, "calibration") if args.calibrate else []
+    check_calibration_photos(normal, refs, queries)
     cls = method_class(args)
     if args.category and not args.threshold_from and not hasattr(cls, "masks_category"):
         raise ValueError(f"--category picks the category of --threshold-from (and for knn/anomalydino the product, "
@@ -310,8 +367,8 @@ def predict(args) -> Path:
     elif args.threshold_from:
         threshold = read_threshold(args.threshold_from, args.category, cls)
     else:
-        threshold = Threshold(rule="no threshold: no masks, no anomalous column")
-    scale = ColourScale.for_threshold(threshold.pixel, args.colormap)
+        threshold = Threshold(rule="no threshold: no masks, no anomalous column" if normal or len(refs) >= 2
+                              else NO_THRESHOLD_HINT)
 
     device = resolve_device(args.device)
     torch.manual_seed(0)  # random-init parts are seeded by their configs; this fixes anything else
@@ -328,6 +385,17 @@ def predict(args) -> Path:
         print(f"predict.py: warning: {w}", file=sys.stderr)
     category = args.category or threshold.category
     state = fit_references(method, refs, args.batch_size, category)
+    measured = None
+    if normal:
+        measured = calibrate(method, state, normal, args)
+    elif len(refs) >= 2 and threshold.source == "none":
+        measured = calibrate_leave_one_out(method, refs, args, category)
+    if measured is not None and threshold.source == "none":
+        threshold = from_calibration(measured)
+        scale = measured.colour_scale(args.colormap)
+    else:  # given or read: it overrides a calibration, which is still recorded beside it
+        threshold.calibration = measured
+        scale = ColourScale.for_threshold(threshold.pixel, args.colormap)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -380,9 +448,7 @@ def predict(args) -> Path:
         "score": ("the method's per-photo score (Method.predict); independent of the other photos"
                   + (f"; {method.name}'s evaluation score in test.py also min-max normalises the map maximum "
                      f"over the scored set, which a single photo has not" if set_relative(method) else "")),
-        "threshold": {"pixel": threshold.pixel, "image": threshold.image, "source": threshold.source,
-                      "category": threshold.category, "anomalous_rule": threshold.rule,
-                      "warnings": threshold.warnings},
+        "threshold": threshold.as_dict(),
         "colour_scale": {**scale.as_dict(), "alpha": args.alpha},
         "counts": {"queries": len(rows) + len(skipped), "scored": len(rows), "skipped": len(skipped),
                    "anomalous": n_anomalous},
@@ -391,7 +457,16 @@ def predict(args) -> Path:
     }
     atomic_write_json(out / SUMMARY, summary)
     write_page(out, summary)
-    flagged = f", {n_anomalous} anomalous ({threshold.rule})" if n_anomalous is not None else ""
+    if n_anomalous is None:
+        flagged = f"; {NO_THRESHOLD_HINT}" if threshold.rule == NO_THRESHOLD_HINT else ""
+    elif threshold.source == LEAVE_ONE_OUT:
+        flagged = (f", {n_anomalous} anomalous (score >= {threshold.image:.6g}, thresholds from the references, "
+                   f"leave-one-out: weaker than --calibrate NORMAL_PHOTOS)")
+    elif threshold.source == CALIBRATION:
+        flagged = (f", {n_anomalous} anomalous (score >= {threshold.image:.6g}, thresholds from calibration on "
+                   f"{len(threshold.calibration.photos)} normal photo(s))")
+    else:
+        flagged = f", {n_anomalous} anomalous ({threshold.rule})"
     print(f"scored {len(rows)} image(s){flagged}; skipped {len(skipped)}; wrote {out / TABLE}, {out / SUMMARY} "
           f"and {out / PAGE}")
     return out
@@ -444,6 +519,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "i_f1_threshold for the anomalous column, where that is on the per-photo scale (knn, "
                         "subspacead, dcpsfr); for fdsl, whose evaluation score is set-normalised, a photo is anomalous when "
                         "its map maximum reaches p_f1_threshold")
+    p.add_argument("--calibrate", nargs="+", default=None, metavar="DIR_GLOB_OR_FILE",
+                   help="normal photos, neither references nor queries, that set the thresholds and the colour "
+                        "scale without labels: they are scored against the references, and the image threshold "
+                        "and pixel threshold are percentiles of their scores and map values (see "
+                        "--image-percentile, --pixel-percentile); --threshold and --threshold-from override")
+    p.add_argument("--image-percentile", type=float, default=DEFAULT_IMAGE_PERCENTILE, metavar="P",
+                   help="image threshold: this percentile of the normal photos' scores (default: %(default)s, their "
+                        "maximum: a new normal photo exceeds it with chance about 1/(N+1))")
+    p.add_argument("--pixel-percentile", type=float, default=DEFAULT_PIXEL_PERCENTILE, metavar="P",
+                   help="pixel threshold (masks, the colour scale's middle): this percentile of the normal photos' "
+                        "pooled map values (default: %(default)s)")
     p.add_argument("--category", default=None, help="the category of --threshold-from when the run has several; "
                    "for knn and anomalydino also the product, which decides whether test patches are "
                    "foreground-masked (anomalydino: capsule, screw, ... see its mask_categories)")

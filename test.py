@@ -3,6 +3,7 @@
     python test.py --data-root DIR --dataset visa --checkpoint CKPT --k-shot 1 --seed 0
     python test.py --data-root DIR --dataset visa --method knn --backbone tiny_clip   # training-free
     python test.py --data-root DIR --method knn --param top_percent=1 --param 'rotations=[0,90,180,270]'
+    python test.py --data-root DIR --method knn --k-shot 4 --calibrate 20   # + thresholds without labels
 
 Writes results/<model_name>/<dataset>/<k>shot/seed<s>/{config.json, metrics.json, table.md}
 and skips a run whose metrics.json already exists (use --force to redo it). The results folder is
@@ -23,13 +24,15 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data.dataset import AnomalyDataset, categories, check_test_split, load_image, load_meta, select_k_shot
+from data.dataset import (AnomalyDataset, categories, check_test_split, load_image, load_meta, select_calibration,
+                          select_k_shot)
 from data.images import header_size
 from methods import list_methods, resolve_method_config
 from methods.base import InferenceOptions, Method
 from methods.checkpoint import build_method, read_checkpoint
 from models.backbones import PRECISIONS
 from utils import distributed, report
+from utils.calibration import Calibration, estimate, rates, score_images
 from utils.cli import error_report, run_cli
 from utils.config import (MethodConfig, TestConfig, as_json, differing_keys, effective_test_settings, parse_params,
                           precision_difference, resolve_device, to_dict, validate_test)
@@ -95,6 +98,23 @@ def save_category_images(run_dir: Path, cls: str, ds: AnomalyDataset, metrics: d
     save_curves(run_dir / "curves", cls, labels, scores, masks, maps, cfg.fpr_limit)
 
 
+def calibrated_rates(cal: Calibration, labels: np.ndarray, raw_scores: np.ndarray, scores: np.ndarray,
+                     masks: np.ndarray, maps: np.ndarray, metrics: dict) -> dict:
+    """How thresholds chosen without labels do on the labelled test split, beside the F1-max thresholds
+    that need the labels: the false-positive rate over normal test images (pixels) and the recall over
+    anomalous images (defect pixels). The calibrated image threshold is on the per-photo score (what
+    predict.py applies it to); F1-max's on the evaluation score (set-normalised for fdsl)."""
+    out = {"calib_i_threshold": cal.image, "calib_p_threshold": cal.pixel}
+    out["calib_i_fpr"], out["calib_i_recall"] = rates(labels, raw_scores >= cal.image)
+    out["i_f1_fpr"], out["i_f1_recall"] = rates(labels, scores >= metrics["i_f1_threshold"])
+    if masks.size:
+        out["calib_p_fpr"], out["calib_p_recall"] = rates(masks, maps >= cal.pixel)
+        p_thr = metrics.get("p_f1_threshold")
+        if p_thr is not None and np.isfinite(p_thr):
+            out["p_f1_fpr"], out["p_f1_recall"] = rates(masks, maps >= p_thr)
+    return out
+
+
 def evaluate_category(method: Method, cfg: TestConfig, root: Path, meta: dict, cls: str,
                       run_dir: Path | None = None) -> tuple[dict, dict]:
     refs = select_k_shot(meta, cls, cfg.k_shot, cfg.seed)
@@ -126,14 +146,38 @@ def evaluate_category(method: Method, cfg: TestConfig, root: Path, meta: dict, c
     labels_np, scores_np = torch.cat(labels).numpy(), scores.numpy()
     masks_np, maps_np = torch.cat(masks).numpy()[masked] > 0.5, maps_t.numpy()[masked]
     metrics = compute_category_metrics(labels_np, scores_np, masks_np, maps_np, fpr_limit=cfg.fpr_limit)
+    calibration = None
+    if cfg.calibrate:  # N normal train photos, not references, scored against the same references
+        normal = select_calibration(meta, cls, refs, cfg.calibrate, cfg.seed)
+        normal_images = torch.stack([load_image(root / it["img_path"], method.image_size) for it in normal])
+        normal_maps, normal_scores = score_images(method, state, normal_images, out_size, cfg.batch_size)
+        cal = estimate(normal_maps, normal_scores, [it["img_path"] for it in normal])
+        metrics.update(calibrated_rates(cal, labels_np, torch.cat(raw_scores).float().numpy(), scores_np, masks_np,
+                                        maps_np, metrics))
+        calibration = {k: v for k, v in cal.as_dict().items() if k not in ("pixel", "image")}
     info = {"references": [it["img_path"] for it in refs], "n_test": len(items),
             "n_pixel_eval": int(masked.sum()), "n_missing_masks": int((~masked).sum()),
             "seconds_per_image": seconds / max(len(items), 1), "peak_memory_mib": peak,
-            **method.state_info(state)}
+            **method.state_info(state), **({"calibration": calibration} if calibration else {})}
     if cfg.save_images and run_dir is not None:
         save_category_images(run_dir, cls, ds, metrics, labels_np, scores_np, masks_np, maps_np,
                              maps_t.numpy(), masked, cfg)
     return metrics, info
+
+
+def calibration_note(per_category: dict, info: dict) -> str | None:
+    """The table's note of a --calibrate run: per category, image FPR on normal test photos and recall on
+    defective ones at the calibrated threshold, beside the F1-max threshold's."""
+    cats = [c for c in per_category if "calib_i_fpr" in per_category[c]]
+    if not cats:
+        return None
+    n = info[cats[0]]["calibration"]["n_photos"]
+    pct = lambda v: "n/a" if v is None or not np.isfinite(v) else f"{100 * v:.1f}%"  # noqa: E731
+    return (f"Thresholds calibrated on {n} normal train photos besides the references (no labels), image "
+            f"false-positive rate on normal test photos / recall on anomalous ones, vs. at the F1-max threshold "
+            f"(needs labels): " + "; ".join(
+                f"{c} {pct(per_category[c]['calib_i_fpr'])} / {pct(per_category[c]['calib_i_recall'])} vs. "
+                f"{pct(per_category[c]['i_f1_fpr'])} / {pct(per_category[c]['i_f1_recall'])}" for c in cats) + ".")
 
 
 def missing_masks_note(info: dict) -> str | None:
@@ -148,7 +192,8 @@ def missing_masks_note(info: dict) -> str | None:
 
 # Settings that change numbers; a finished run with other values must not be taken as done.
 RESULT_KEYS = ("data_root", "checkpoint", "method", "classes", "winmode", "win_size", "win_stride", "win_weight",
-               "image_index", "eval_size", "fpr_limit", "backbone", "pretrained", "image_size", "precision", "params")
+               "image_index", "eval_size", "fpr_limit", "backbone", "pretrained", "image_size", "precision", "params",
+               "calibrate")
 
 
 def stored_method(config: dict) -> str:
@@ -181,7 +226,7 @@ def _finished(run_dir: Path, cfg: TestConfig, method_name: str, training: tuple[
                          f"{REUSE_HINT}")
     # settings the winmode ignores are not compared (nan with other window sizes: the same numbers);
     # runs from before --precision existed were fp32, from before --param without parameters
-    stored_test = {"precision": "fp32", "params": {}, **stored.get("test", {})}
+    stored_test = {"precision": "fp32", "params": {}, "calibrate": 0, **stored.get("test", {})}
     current = {**to_dict(cfg), "precision": run_precision(cfg)}
     diff = differing_keys(effective_test_settings(stored_test), effective_test_settings(current), RESULT_KEYS)
     if training is None and cfg.checkpoint and Path(cfg.checkpoint).is_file():
@@ -260,8 +305,10 @@ def _evaluate_locked(cfg: TestConfig, run_dir: Path, device: torch.device) -> Pa
     meta = load_meta(root)
     classes = categories(meta, cfg.classes, "test")
     check_test_split(meta, classes, root)
-    for cls in classes:  # fail before any work when k is too large anywhere
-        select_k_shot(meta, cls, cfg.k_shot, cfg.seed)
+    for cls in classes:  # fail before any work when k (or k + --calibrate) is too large anywhere
+        refs = select_k_shot(meta, cls, cfg.k_shot, cfg.seed)
+        if cfg.calibrate:
+            select_calibration(meta, cls, refs, cfg.calibrate, cfg.seed)
     shard = distributed.shard(classes, [len(meta["test"][c]) for c in classes], log)  # this rank's categories
     # from here on the run does real work: log.txt records it (rank 0's, the other ranks' lines
     # replayed into it), and the error that stops it
@@ -284,6 +331,11 @@ def _evaluate_locked(cfg: TestConfig, run_dir: Path, device: torch.device) -> Pa
             m = per_category[cls]
             log.info("%s: i-AUROC %.4f p-AUROC %.4f p-AUPRO %.4f, %.3f s/image, references %s", cls, m["i_auroc"],
                      m["p_auroc"], m["p_aupro"], info[cls]["seconds_per_image"], info[cls]["references"])
+            if "calib_i_fpr" in m:
+                log.info("%s: calibrated thresholds (image %.6g, pixel %.6g): image FPR %.4f, recall %.4f; at the "
+                         "F1-max threshold: FPR %.4f, recall %.4f", cls, m["calib_i_threshold"],
+                         m["calib_p_threshold"], m["calib_i_fpr"], m["calib_i_recall"], m["i_f1_fpr"],
+                         m["i_f1_recall"])
         per_category, info = shard.gather(per_category, info)  # every rank's results; raises if one failed
         config = {"test": to_dict(cfg), "method": ckpt["method_config"], "backbones": ckpt["backbones"],
                   "checkpoint_epoch": ckpt["epoch"], "train": ckpt.get("train_config", {}),
@@ -292,7 +344,8 @@ def _evaluate_locked(cfg: TestConfig, run_dir: Path, device: torch.device) -> Pa
         # rank 0 writes; the others return once it has
         table = shard.write(report.write_run, run_dir, config, per_category,
                             extra={"seconds_per_image": float(np.mean(seconds)), "categories": info},
-                            note=missing_masks_note(info))
+                            note=" ".join(n for n in (missing_masks_note(info), calibration_note(per_category, info))
+                                          if n) or None)
     except BaseException as e:
         # straight to the file: the caller prints the error (run_cli) or shows the traceback
         handler.handle(logging.makeLogRecord({"msg": error_report(e), "levelno": logging.ERROR,
@@ -357,6 +410,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "panels of the N highest-scoring normal and N lowest-scoring anomalous images to "
                    "<run>/images/<category>/ and the ROC/PR/PRO curves to <run>/curves/; -1 = all images, "
                    "0 = off (default: %(default)s)")
+    p.add_argument("--calibrate", type=int, default=d.calibrate, metavar="N", help="also choose thresholds without "
+                   "labels, on N normal train photos that are not references (as predict.py --calibrate), and report "
+                   "the image false-positive rate on test/good and the recall on defective photos at them, beside "
+                   "the F1-max threshold's; 0 = off (default: %(default)s)")
     p.add_argument("--device", default=d.device, help="cpu or a CUDA index; under torchrun: cpu, cuda (GPU = local "
                    "rank) or one index per process such as 0,1 (default: %(default)s)")
     p.add_argument("--precision", default=d.precision, choices=PRECISIONS, help="autocast of the frozen "

@@ -75,6 +75,22 @@ def select_k_shot(meta: dict, cls_name: str, k: int, seed: int) -> list[dict]:
     return [items[i] for i in sorted(rng.choice(len(items), size=k, replace=False))]
 
 
+def select_calibration(meta: dict, cls_name: str, references: Sequence[dict], n: int, seed: int) -> list[dict]:
+    """n normal train images of a category that are not among `references` (select_k_shot's), drawn
+    without replacement by (seed, category): the normal photos a run calibrates its thresholds on."""
+    if n < 1:
+        raise ValueError(f"--calibrate must be >= 1 photo, got {n}")
+    taken = {it["img_path"] for it in references}
+    distinct = {it["img_path"]: it for it in meta["train"].get(cls_name, [])
+                if not it.get("anomaly", 0) and it["img_path"] not in taken}
+    items = sorted(distinct.values(), key=lambda it: it["img_path"])
+    if n > len(items):
+        raise ValueError(f"--calibrate {n} needs {n} normal train images of category '{cls_name}' besides its "
+                         f"{len(taken)} reference(s); it has {len(items)}: use --calibrate <= {len(items)}")
+    rng = np.random.default_rng(_category_seed(seed, cls_name) ^ 0x5EED_CA1B)
+    return [items[i] for i in sorted(rng.choice(len(items), size=n, replace=False))]
+
+
 def check_test_split(meta: dict, classes: Sequence[str], root: str | Path) -> None:
     """Refuse, before any work, a run with no category or a category whose test split is empty (it has no
     image to score: no metric exists for it)."""

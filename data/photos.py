@@ -9,6 +9,8 @@
   the skipped files with that reason.
 - A reference given twice (two copies with the same bytes) is used once, saying so: a copy adds no
   information, and k would otherwise count it twice.
+- A calibration photo (--calibrate) that is a reference or a query, or a copy of one, is refused: scored
+  against itself a reference sets the threshold near 0, and a query would set the threshold it is judged by.
 """
 from __future__ import annotations
 
@@ -59,10 +61,12 @@ def inputs_reaching(out: str | os.PathLike, specs: list[tuple[str, str]]) -> lis
     return hits
 
 
-def check_output_folder(out: str | os.PathLike, refs: list[str], images: list[str]) -> None:
+def check_output_folder(out: str | os.PathLike, refs: list[str], images: list[str],
+                        calibrate: list[str] = ()) -> None:
     """Refuse, before any work, an --out that cannot be written or that an input would read back."""
     check_writable(out, "output folder (--out)")
-    hits = inputs_reaching(out, [("--refs", s) for s in refs] + [("--images", s) for s in images])
+    hits = inputs_reaching(out, [("--refs", s) for s in refs] + [("--images", s) for s in images]
+                           + [("--calibrate", s) for s in calibrate])
     if hits:
         raise OutputError(f"--out {out} would be read back by {', '.join(hits)}: a rerun would take this run's "
                           f"overlays and masks for photos; choose an output folder outside the inputs")
@@ -119,3 +123,21 @@ def split_off_references(queries: list[Path], refs: list[Path]) -> tuple[list[Pa
         raise ValueError(f"every query image is one of the references (first: {queries[0]}); score other photos "
                          f"than the normal references")
     return kept, skipped
+
+
+def check_calibration_photos(photos: list[Path], refs: list[Path], queries: list[Path]) -> None:
+    """Refuse a calibration photo that is a reference or a query (the same file, or the same bytes),
+    naming both: calibration photos must be other normal photos."""
+    for others, role, why in ((refs, "the reference", "scored against itself it would set the threshold near 0"),
+                              (queries, "the query", "a photo cannot set the threshold it is judged by")):
+        by_path = {p.resolve(): p for p in others}
+        sizes = {p.stat().st_size for p in others}
+        index = _same_bytes_index([p for p in others if p.stat().st_size in {c.stat().st_size for c in photos}])
+        for c in photos:
+            hit = by_path.get(c.resolve())
+            same = "is"
+            if hit is None and c.stat().st_size in sizes:
+                hit, same = index.get((c.stat().st_size, _digest(c))), "has the same bytes as"
+            if hit is not None:
+                raise ValueError(f"--calibrate photo {c} {same} {role} {hit}: {why}; calibrate on other normal "
+                                 f"photos than the references and the queries")

@@ -454,7 +454,8 @@ def test_a_query_that_is_a_reference_is_not_scored(datasets, tmp_path, capsys):
     assert rc == 0 and "Traceback" not in err, err
     s = json.loads((out / "predictions.json").read_text())
     assert [r["image"] for r in s["predictions"]] == [str(queries / "new.png")]
-    assert s["counts"] == {"queries": 3, "scored": 1, "skipped": 2, "anomalous": None}
+    assert {k: s["counts"][k] for k in ("queries", "scored", "skipped")} == {"queries": 3, "scored": 1, "skipped": 2}
+    assert s["threshold"]["source"] == "references, leave-one-out"  # 2 references: thresholds without labels
     reasons = {k["image"]: k["reason"] for k in s["skipped"]}
     assert f"is the reference {refs[0]}" in reasons[str(refs[0])]
     assert f"has the same bytes as the reference {refs[1]}" in reasons[str(queries / "copy_of_ref.png")]

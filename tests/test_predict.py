@@ -189,7 +189,8 @@ def test_unreadable_query_is_skipped_and_listed(datasets, tmp_path, capsys):
 
 def test_batching_does_not_change_results_and_reruns_drop_stale_masks(datasets, odd_sizes, tmp_path, capsys):
     images = [f"{datasets[1]}/wood_board/test/*/000.png", *odd_sizes.values()]
-    common = [*KNN, "--refs", datasets[1] / "wood_board/train/good", "--images", *images]
+    # one reference: without --threshold no threshold at all (2 or more would give a leave-one-out one)
+    common = [*KNN, "--refs", datasets[1] / "wood_board/train/good/000.png", "--images", *images]
     out1, out5 = tmp_path / "b1", tmp_path / "b5"
     assert run_predict(capsys, *common, "--out", out1, "--batch-size", 1, "--threshold", 0.3)[0] == 0
     assert run_predict(capsys, *common, "--out", out5, "--batch-size", 5)[0] == 0

@@ -70,3 +70,51 @@ def test_predict_masks_by_the_category_it_is_told(datasets, tmp_path, monkeypatc
     # background patches score 0: never above the unmasked score
     by_image = {r["image"]: r["map_max"] for r in json.loads((tmp_path / "b" / "predictions.json").read_text())["predictions"]}
     assert all(r["map_max"] <= by_image[r["image"]] + 1e-6 for r in a["predictions"])
+
+
+def test_calibrate_reports_rates_at_thresholds_chosen_without_labels(datasets, tmp_path):
+    """test.py --calibrate N: N normal train photos that are not references set the thresholds (the same
+    rule as predict.py --calibrate); the run reports the false-positive rate on test/good and the recall
+    on defective photos at them, beside the F1-max threshold's, and they are what the numbers say."""
+    import numpy as np
+    import torch
+
+    from data.dataset import load_image, load_meta
+    from methods import create_method, resolve_method_config
+    from utils.config import MethodConfig
+
+    root = datasets[1]
+    cfg = TestConfig(data_root=str(root), dataset="target", method="knn", backbone="tiny_clip",
+                     results_root=str(tmp_path), k_shot=2, seed=0, eval_size=64, calibrate=2, classes=["candle"])
+    run_dir = load_test_script().evaluate(cfg)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    m, info = metrics["per_category"]["candle"], metrics["categories"]["candle"]
+    cal = info["calibration"]
+    train = {it["img_path"] for it in load_meta(root)["train"]["candle"]}
+    assert cal["source"] == "calibration" and cal["n_photos"] == 2 and set(cal["photos"]) <= train
+    assert not set(cal["photos"]) & set(info["references"])  # never a reference
+    assert "calibrated on 2 normal train photos" in (run_dir / "table.md").read_text()
+
+    # recomputed outside test.py: the references' state, the calibration photos' and test photos' scores
+    torch.manual_seed(0)
+    method = create_method(resolve_method_config(MethodConfig(name="knn", backbone="tiny_clip")))
+    size = method.image_size
+    state = method.fit(torch.stack([load_image(root / p, size) for p in info["references"]]), info["references"])
+    _, normal_scores = method.predict(torch.stack([load_image(root / p, size) for p in cal["photos"]]), state, (64, 64))
+    assert m["calib_i_threshold"] == pytest.approx(float(normal_scores.max()), rel=1e-5)
+    items = load_meta(root)["test"]["candle"]
+    _, scores = method.predict(torch.stack([load_image(root / it["img_path"], size) for it in items]), state, (64, 64))
+    labels = np.array([it["anomaly"] for it in items], bool)
+    flagged = scores.numpy() >= m["calib_i_threshold"]
+    assert m["calib_i_fpr"] == pytest.approx(flagged[~labels].mean())
+    assert m["calib_i_recall"] == pytest.approx(flagged[labels].mean())
+    assert 0 < m["calib_i_recall"] and m["calib_i_fpr"] < 1
+    for key in ("i_f1_fpr", "i_f1_recall", "calib_p_fpr", "calib_p_recall", "calib_p_threshold"):
+        assert 0 <= m[key] <= 1 or key == "calib_p_threshold", key
+
+    # more calibration photos than the train split holds besides the references: refused before any work
+    with pytest.raises(ValueError, match="--calibrate 3 needs 3 normal train images of category 'candle'"):
+        load_test_script().evaluate(TestConfig(**{**cfg.__dict__, "calibrate": 3, "model_name": "more"}))
+    # a finished run without calibration is another configuration
+    with pytest.raises(ValueError, match="differs in calibrate"):
+        load_test_script().evaluate(TestConfig(**{**cfg.__dict__, "calibrate": 0}))

@@ -81,6 +81,8 @@ class TestConfig:
     precision: str = "auto"  # backbone autocast: auto|fp32|bf16|fp16; a run records the resolved value
     workers: int = 0  # DataLoader workers reading test images
     save_images: int = 0  # per category, panels of the N most wrong normal/anomalous images; -1 = all, 0 = off
+    # N > 0: thresholds calibrated on N normal train photos that are not references (utils/calibration.py)
+    calibrate: int = 0
     # training-free methods: parameter overrides of the method config (a checkpoint's are fixed by training)
     params: dict = field(default_factory=dict)
 
@@ -162,6 +164,7 @@ def validate_test(cfg: TestConfig) -> None:
     check_int(cfg.eval_size, "--eval-size (0 = the masks' own resolution)", 0)
     check_int(cfg.save_images, "--save-images (-1 = all images, 0 = off)", -1)
     check_int(cfg.workers, "--workers", 0)
+    check_int(cfg.calibrate, "--calibrate (normal train photos besides the references; 0 = off)", 0)
     check_number(cfg.win_weight, "--win-weight", 0.0, 1.0)
     check_number(cfg.fpr_limit, "--fpr-limit", 0.0, 1.0, low_open=True)
     check_image_size(cfg.image_size)

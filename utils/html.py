@@ -164,7 +164,8 @@ def predictions_page(summary: dict, originals: list[str | None] | None = None) -
         control = (f'<input type="checkbox" id="flagged-only"> <label for="flagged-only">flagged only '
                    f"({n_flagged} of {len(rows)})</label>\n")
     else:
-        control = '<p class="note">No threshold: no photo is flagged (pass --threshold or --threshold-from).</p>\n'
+        control = ('<p class="note">No threshold: no photo is flagged (pass --calibrate NORMAL_PHOTOS, 2 or more '
+                   'references, --threshold or --threshold-from).</p>\n')
     facts = {"method": summary.get("method"), "checkpoint": summary.get("checkpoint"),
              "checkpoint epoch": summary.get("checkpoint_epoch"), "photos": counts or len(rows),
              "references": summary.get("references"), "score": summary.get("score")}

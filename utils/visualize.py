@@ -5,7 +5,9 @@ Colour: one `ColourScale` per run, never a per-image stretch. Stretching each ma
 [min, max] paints the faint noise of a normal image as hot as a real defect; with one scale a
 colour means the same map value in every picture. Without a threshold the scale is the fixed
 [0, 1] of a probability map; with one, the threshold sits at the colormap's midpoint (0 -> bottom
-colour, threshold -> middle, 1 -> top), so "above the middle colour" reads "above threshold".
+colour, threshold -> middle, 1 -> top), so "above the middle colour" reads "above threshold". A
+calibrated run (utils/calibration.py) uses `ColourScale.centred`: the median normal pixel at the
+bottom, the calibrated threshold at the middle, on the method's own range.
 
 Curves are drawn from the exact points of utils/metrics.py (`roc_curve`, `pr_curve`, `pro_curve`),
 so a plot's area is the number in metrics.json. matplotlib draws through its Agg canvas only
@@ -78,6 +80,17 @@ class ColourScale:
         if threshold is None or not threshold > 0:
             return cls(0.0, 1.0, None, colormap)
         return cls(0.0, 1.0 if threshold < 1.0 else 2.0 * float(threshold), float(threshold), colormap)
+
+    @classmethod
+    def centred(cls, floor: float, threshold: float, colormap: str = DEFAULT_COLORMAP) -> "ColourScale":
+        """floor -> bottom colour, threshold -> middle, threshold + (threshold - floor) -> top: the scale of
+        a calibrated run (utils/calibration.py), on the method's own range whatever it is. A floor not
+        below the threshold (constant normal maps) gets a small span below it instead."""
+        floor, threshold = float(floor), float(threshold)
+        span = threshold - floor
+        if not span > 0:
+            span = max(abs(threshold), 1.0) * 1e-3
+        return cls(threshold - span, threshold + span, threshold, colormap)
 
     def normalise(self, values) -> np.ndarray:
         """Values -> [0, 1] positions on the colormap."""

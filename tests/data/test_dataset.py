@@ -103,3 +103,20 @@ def test_corrupt_files_are_named(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match="cannot read image .*broken.png"):
         load_image(tmp_path / "broken.png", 16)
+
+
+def test_calibration_photos_are_normal_train_photos_besides_the_references():
+    from data.dataset import select_calibration
+
+    meta = {"train": {"c": [{"img_path": f"{i:03d}.png", "anomaly": 0} for i in range(10)]
+                      + [{"img_path": "bad.png", "anomaly": 1}]}}
+    for seed in range(5):
+        refs = select_k_shot(meta, "c", 4, seed)
+        cal = select_calibration(meta, "c", refs, 6, seed)
+        assert len(cal) == 6 and not {it["img_path"] for it in cal} & {it["img_path"] for it in refs}
+        assert "bad.png" not in {it["img_path"] for it in cal}
+        assert cal == select_calibration(meta, "c", refs, 6, seed)  # reproducible
+    with pytest.raises(ValueError, match="--calibrate 7 needs 7 normal train images of category 'c' besides its 4"):
+        select_calibration(meta, "c", select_k_shot(meta, "c", 4, 0), 7, 0)
+    with pytest.raises(ValueError, match="--calibrate must be >= 1"):
+        select_calibration(meta, "c", [], 0, 0)

@@ -189,3 +189,14 @@ def test_curve_pngs_are_written_at_a_fixed_size(tmp_path):
             assert im.size == (480, 400)
     only_normal = save_curves(tmp_path / "n", "n", [0, 0], [0.1, 0.2])  # undefined: still a PNG each
     assert all(p.is_file() for p in only_normal.values())
+
+
+def test_centred_scale_of_a_calibrated_run():
+    """ColourScale.centred: floor -> bottom colour, threshold -> middle, as far above as the floor is below
+    -> top, on any range (knn's maps sit near 0.2-0.45, not [0, 1])."""
+    scale = ColourScale.centred(0.2, 0.3)
+    assert (scale.vmin, scale.vcenter) == (pytest.approx(0.2), 0.3) and scale.vmax == pytest.approx(0.4)
+    np.testing.assert_allclose(scale.normalise([0.1, 0.2, 0.25, 0.3, 0.35, 0.4, 0.9]),
+                               [0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0], atol=1e-9)
+    flat = ColourScale.centred(0.5, 0.5)  # constant normal maps: a small span, still a valid scale
+    assert flat.vmin < flat.vcenter == 0.5 < flat.vmax
