@@ -22,7 +22,8 @@ under-training show. DCP-SFR is not run: its backbone is CLIP with its text towe
 weights can be loaded offline here (docs/real_photos.md).
 
 Runs go to --results-root (default: a temporary folder, deleted at the end); with a kept folder a
-rerun reuses finished training epochs and test runs (train.py's and test.py's rules).
+rerun reuses finished training epochs and test runs (train.py's and test.py's rules); the
+summary of each direction goes to real_cross_<train>_to_<test>.json there.
 """
 from __future__ import annotations
 
@@ -140,6 +141,74 @@ def curve_table(curves: dict[str, list[dict]], reference: dict | None = None) ->
 
 
 # --------------------------------------------------------------------------- #
+# the diagnosis: how far the training set's BatchNorm statistics are from a test set's
+# --------------------------------------------------------------------------- #
+def bn_shift(trained: dict[str, "torch.Tensor"], reference: dict[str, "torch.Tensor"], n_layers: int) -> list[dict]:
+    """Per layer, the first BatchNorm of its ASL head (the one that sees the residuals): the mean over
+    channels of |reference mean - trained mean| / trained std, and the median over channels of
+    reference variance / trained variance. 0 and 1 when the residuals are distributed as in training."""
+    out = []
+    for layer in range(n_layers):
+        key = f"heads.{layer}.net.0"
+        mu, var = trained[f"{key}.running_mean"], trained[f"{key}.running_var"]
+        ref_mu, ref_var = reference[f"{key}.running_mean"], reference[f"{key}.running_var"]
+        out.append({"layer": layer, "channels": int(mu.numel()),
+                    "mean_shift": float(((ref_mu - mu).abs() / var.sqrt().clamp_min(1e-12)).mean()),
+                    "var_ratio": float((ref_var / var.clamp_min(1e-12)).median())})
+    return out
+
+
+BN_SHIFT_IMAGES = 16  # normal test images per set whose residuals the diagnosis measures
+
+
+def measure_bn_shift(a, checkpoint: Path, roots: dict[str, Path], k: int, seed: int) -> dict[str, list[dict]]:
+    """bn_shift of the trained heads, per dataset in `roots` ({name: prepared root}), on two sets of
+    residuals: "<name> refs", its k references (seed) aligned leave-one-out, which bn_stats reference
+    uses; "<name> normal test", its first BN_SHIFT_IMAGES normal test images aligned to those
+    references, which is what the heads see at test time (read here for the diagnosis only). The
+    training set's rows are the in-distribution baseline."""
+    import torch
+
+    from data.dataset import load_image, load_meta, select_k_shot
+    from methods.checkpoint import load_method
+    from models.fdsl import reference_bn_stats
+    from models.memory import align_to_banks
+    from utils.config import resolve_device
+
+    method, _ = load_method(checkpoint, resolve_device(a.device), params={"bn_stats": "reference"})
+    trained = {n: b.clone() for n, b in method.heads.named_buffers()}
+    n_layers = len(method.heads.heads)
+    out = {}
+    for name, root in roots.items():
+        meta = load_meta(root)
+        cls = sorted(meta["train"])[0]
+        load = lambda items: torch.stack([load_image(root / it["img_path"], method.image_size) for it in items]).to(
+            method.device)
+        state = method.fit(load(select_k_shot(meta, cls, k, seed)), category=cls)
+        out[f"{name} refs"] = bn_shift(trained, state.bn_stats, n_layers)
+        normal = [it for it in meta["test"][cls] if not it["anomaly"]][:BN_SHIFT_IMAGES]
+        with torch.no_grad():
+            feats = method.backbone(load(normal))
+            aligned = align_to_banks(feats.patch_tokens, [state.bank] * len(normal))
+        out[f"{name} normal test"] = bn_shift(trained, reference_bn_stats(method.heads, feats.patch_tokens, aligned),
+                                              n_layers)
+    return out
+
+
+def bn_shift_table(shifts: dict[str, list[dict]]) -> str:
+    from tabulate import tabulate
+
+    names = list(shifts)
+    rows = []
+    for i, first in enumerate(shifts[names[0]]):
+        rows.append([str(first["layer"] + 1), str(first["channels"])]
+                    + [f"{shifts[n][i]['mean_shift']:.2f}" for n in names]
+                    + [f"{shifts[n][i]['var_ratio']:.2f}" for n in names])
+    head = ["layer", "channels"] + [f"mean shift, {n}" for n in names] + [f"var ratio, {n}" for n in names]
+    return tabulate(rows, headers=head, tablefmt="github", disable_numparse=True)
+
+
+# --------------------------------------------------------------------------- #
 # the run
 # --------------------------------------------------------------------------- #
 def train_heads(a, train_root: Path, train_name: str, epochs: int):
@@ -195,7 +264,8 @@ def run_direction(a, rp, test_script, train_name: str, test_name: str, log) -> d
             dirs.append(report.run_dir(a.results_root, name, dataset, k0, s0))
         curves[label] = epoch_curve(dirs)
     knn = results.get(("knn", k0))
-    return {"train": train_name, "test": test_name, "dataset": dataset, "categories": categories,
+    shifts = measure_bn_shift(a, final, {train_name: train_root, test_name: test_root}, k0, s0)
+    return {"bn_shift": shifts, "bn_shift_table": bn_shift_table(shifts), "train": train_name, "test": test_name, "dataset": dataset, "categories": categories,
             "n_test": sum(len(meta["test"][c]) for c in categories),
             "table": rp.table(results, rows, categories, a.k),
             "curve": curves, "curve_table": curve_table(curves, knn[0]["mean"] if knn else None),
@@ -211,7 +281,10 @@ def report_text(a, done: list[dict]) -> str:
             f"batch {a.batch_size}; training-free rows on the same backbone and references; eval size {a.eval_size}, "
             f"{a.device}, {a.precision}, seeds {a.seeds}; metrics in %, mean±std over seeds.\n\n"
             f"{d['table']}\n\n"
-            f"Per epoch (k={d['curve_k']}, seed {d['curve_seed']}, the unseen set):\n\n{d['curve_table']}\n")
+            f"Per epoch (k={d['curve_k']}, seed {d['curve_seed']}, the unseen set):\n\n{d['curve_table']}\n\n"
+            f"BatchNorm shift of the final heads (first BN of each layer's ASL head, on the residuals of "
+            f"{d['curve_k']} reference(s), seed {d['curve_seed']}): mean over channels of |mean - trained mean| / "
+            f"trained std, median of variance / trained variance; 0 and 1 = as in training:\n\n{d['bn_shift_table']}\n")
     return "\n".join(parts)
 
 
@@ -294,10 +367,10 @@ def main(argv=None) -> int:
                 atomic_write_text(a.out, text)
             from utils.io import atomic_write_json
 
-            atomic_write_json(a.results_root / "real_cross.json",
-                              {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
-                               "directions": [{k: v for k, v in d.items() if k not in ("table", "curve_table")}
-                                              for d in done]})
+            args = {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}
+            for d in done:  # one file per direction: two directions may run at once into one folder
+                atomic_write_json(a.results_root / f"real_cross_{d['train']}_to_{d['dataset']}.json",
+                                  {"args": args, **{k: v for k, v in d.items() if k not in ("table", "curve_table", "bn_shift_table")}})
 
     return run_cli("real_cross.py", work)
 

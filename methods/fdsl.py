@@ -7,8 +7,9 @@ which may be set on a trained checkpoint (test.py --param, predict.py --param):
 
   bn_stats  "train" (default): the heads' BatchNorms use the running statistics of the training set.
             "reference": per test category, recomputed on its k references' residuals (each
-            reference patch aligned to its nearest other reference patch, models/memory.py
-            leave_out_alignment): for a test set whose features are distributed otherwise.
+            reference patch aligned to its nearest reference patch outside its own image, or at k = 1
+            outside one native cell of the layer around it: models/memory.py leave_out_alignment,
+            FDSLMethod.leave_out_radii): for a test set whose features are distributed otherwise.
   fd_merge  null (default): the learned (ASL/NAM) map alone, as the authors' released code.
             W in [0, 1]: the paper's merge of the FD and ASL outputs, per layer
             (1 - W) * learned + W * raw distance (1 - cosine to the aligned reference), each map
@@ -32,7 +33,6 @@ from models.scoring import final_image_scores, upsample_probs
 from utils.losses import segmentation_loss
 
 BN_STATS = ("train", "reference")
-LEAVE_OUT_RADIUS = 1  # k = 1: a reference patch may not match its own 3x3 neighbourhood
 
 
 @dataclass
@@ -87,6 +87,14 @@ class FDSLMethod(PatchMatchingMethod):
                              f"'{options.winmode}' leave fd_merge null, or use winmode nan")
         super().configure(options)
 
+    def leave_out_radii(self) -> list[int]:
+        """Per layer, the neighbourhood (in grid patches) a reference patch may not match itself in at
+        k = 1: one native cell of the layer. A CNN stage coarser than the token grid is resized up to it,
+        so its neighbouring tokens are interpolations of one feature: radius stride / patch size
+        (efficientnet_lite0 at patch 8: 1, 1, 2, 4); ViT layers are all on the patch grid: 1."""
+        reductions = getattr(self.backbone, "reductions", None) or [self.backbone.patch_size] * len(self.heads.heads)
+        return [max(1, -(-int(r) // int(self.backbone.patch_size))) for r in reductions]
+
     # -- reference state ------------------------------------------------------------------------
     def fit(self, images: torch.Tensor, sources: Sequence[str] = (), batch_size: int = 8, *,
             category: str | None = None) -> FDSLState:
@@ -95,7 +103,7 @@ class FDSLMethod(PatchMatchingMethod):
         if self.bn_stats == "train" and self.fd_merge is None:
             return state
         tokens = base.bank.tokens
-        aligned = [leave_out_alignment(t, base.bank.grid, LEAVE_OUT_RADIUS) for t in tokens]
+        aligned = [leave_out_alignment(t, base.bank.grid, r) for t, r in zip(tokens, self.leave_out_radii())]
         if self.bn_stats == "reference":
             state.bn_stats = reference_bn_stats(self.heads, tokens, aligned)
         if self.fd_merge is not None:

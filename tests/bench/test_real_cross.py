@@ -54,6 +54,23 @@ def fake_run(folder, epoch, value):
     return folder
 
 
+def test_bn_shift_is_zero_and_one_in_distribution_and_measures_a_shift():
+    import torch
+
+    trained = {"heads.0.net.0.running_mean": torch.zeros(3), "heads.0.net.0.running_var": torch.full((3,), 4.0),
+               "heads.1.net.0.running_mean": torch.ones(2), "heads.1.net.0.running_var": torch.ones(2)}
+    same = real_cross.bn_shift(trained, trained, 2)
+    assert [(s["mean_shift"], s["var_ratio"], s["channels"]) for s in same] == [(0.0, 1.0, 3), (0.0, 1.0, 2)]
+    moved = dict(trained)
+    moved["heads.1.net.0.running_mean"] = torch.tensor([3.0, -1.0])  # 2 trained std away each
+    moved["heads.1.net.0.running_var"] = torch.tensor([0.25, 0.25])
+    shift = real_cross.bn_shift(trained, moved, 2)
+    assert shift[0]["mean_shift"] == 0.0 and shift[1]["mean_shift"] == pytest.approx(2.0)
+    assert shift[1]["var_ratio"] == pytest.approx(0.25)
+    text = real_cross.bn_shift_table({"a": same, "b": shift})
+    assert "| 2       | 2          | 0.00" in text and "0.25" in text
+
+
 def test_the_curve_follows_the_checkpoint_epochs_not_the_order_given(tmp_path):
     runs = [fake_run(tmp_path / f"run{e}", e, 0.1 * e) for e in range(1, 7)]
     shuffled = runs[:]
@@ -96,8 +113,11 @@ def test_quick_run_on_the_shared_real_photos(tmp_path, capsys):
                 assert config["method"]["bn_stats"] == ("reference" if "bnref" in label else "train")
                 assert config["method"]["fd_merge"] == (0.75 if "fdm" in label else None)
                 assert config["checkpoint_epoch"] == 1
-    summary = json.loads((tmp_path / "r" / "real_cross.json").read_text())
-    assert [(d["train"], d["test"]) for d in summary["directions"]] == [("magnetic_tile", "kolektor"),
-                                                                       ("kolektor", "magnetic_tile")]
-    assert all([p["epoch"] for p in d["curve"]["fdsl"]] == [1] for d in summary["directions"])
+    for train, test in (("magnetic_tile", "kolektor"), ("kolektor", "magnetic_tile")):
+        summary = json.loads((tmp_path / "r" / f"real_cross_{train}_to_{test}_quick.json").read_text())
+        assert (summary["train"], summary["test"]) == (train, test)
+        assert [p["epoch"] for p in summary["curve"]["fdsl"]] == [1]
+        assert set(summary["bn_shift"]) == {f"{n} {s}" for n in (train, test) for s in ("refs", "normal test")}
+        assert len(summary["bn_shift"][f"{test} refs"]) == 4  # 4 layers
+    assert printed.count("BatchNorm shift of the final heads") == 2
     assert not any((SHARED / n / "meta.json").exists() for n in ("magnetic_tile", "kolektor"))  # read in place

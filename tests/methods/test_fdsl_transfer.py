@@ -154,8 +154,12 @@ def test_fd_merge_at_one_ranks_patches_as_the_raw_distance():
     half._scales = (half_state.learned_scale, half_state.distance_scale)
     assert (half.whole_layer_maps(feats, aligned) - merged).abs().max() > 1e-3  # the learned map counts at 0.5
     half._scales = None
-    ref = normalise_to(distance_maps(state.bank.tokens, [leave_out_alignment(t, state.bank.grid) for t in
-                                                         state.bank.tokens], state.bank.grid), state.distance_scale)
+    # k = 1: a reference patch is kept out of one native cell of its layer (tiny_cnn strides 4, 8, 16 on
+    # a stride-8 grid), so a deep layer's interpolated neighbours do not give it a near-zero residual
+    assert method.leave_out_radii() == [1, 1, 2]
+    ref = normalise_to(distance_maps(state.bank.tokens, [leave_out_alignment(t, state.bank.grid, r) for t, r in
+                                                         zip(state.bank.tokens, method.leave_out_radii())],
+                                     state.bank.grid), state.distance_scale)
     assert ref.amin().item() == pytest.approx(0, abs=1e-6) and ref.amax().item() == pytest.approx(1, abs=1e-6)
 
 
@@ -180,7 +184,7 @@ def test_a_checkpoint_run_records_its_options_in_config_json(tmp_path):
     (use_nam) is refused on a checkpoint."""
     from conftest import load_test_script
     from data.synthetic import generate
-    from methods.checkpoint import build_method, checkpoint_payload
+    from methods.checkpoint import build_method, checkpoint_payload, load_method
 
     data = generate(tmp_path / "gen", ("candle",), seed=3, size=64, n_train=2, n_test_good=2, n_test_bad=2)
     method = fdsl({})
@@ -198,5 +202,7 @@ def test_a_checkpoint_run_records_its_options_in_config_json(tmp_path):
     assert configs["plain"]["method"]["bn_stats"] == "train" and configs["plain"]["method"]["fd_merge"] is None
     assert configs["both"]["method"]["bn_stats"] == "reference" and configs["both"]["method"]["fd_merge"] == 0.75
     assert configs["both"]["test"]["params"] == {"bn_stats": "reference", "fd_merge": 0.75}
-    with pytest.raises(ValueError, match="only its test-time parameters"):
+    with pytest.raises(ValueError, match=r"test-time parameters \(bn_stats, fd_merge\)"):
         build_method(str(ckpt), params={"use_nam": False})
+    with pytest.raises(ValueError, match="on a fdsl checkpoint only its test-time parameters"):
+        load_method(str(ckpt), params={"use_nam": False})
