@@ -378,8 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
                    f"e.g. {', '.join(list_methods())})")
     p.add_argument("--classes", nargs="*", default=None, help="categories to test (default: all)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=JSON", help="parameter of a training-free "
-                   "method, e.g. --param top_percent=1 (repeatable; a checkpoint's are fixed by training; default: "
-                   "the method config's)")
+                   "method, e.g. --param top_percent=1, or a checkpoint's test-time parameter, e.g. fdsl's --param "
+                   "bn_stats=reference --param fd_merge=0.75 (repeatable; a checkpoint's others are fixed by training; "
+                   "default: the method config's)")
     p.add_argument("--backbone", default=None, help="backbone config(s), NAME or role=NAME,...: override the "
                    "checkpoint's (must match it) or choose a training-free method's (default: the checkpoint's, "
                    "else the method config's)")

@@ -45,6 +45,9 @@ class Method(nn.Module):
     backbone_options: ClassVar[dict[str, dict]] = {}
     # named parameter sets that reproduce ablation rows (launchers: ABLATION=name)
     ablations: ClassVar[dict[str, dict]] = {}
+    # parameters that act at test time only, so they may be set on a trained checkpoint (test.py and
+    # predict.py --param); every other parameter of a trained method is fixed by its training
+    test_params: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, backbones: dict[str, Backbone], config: dict | None = None):
         super().__init__()

@@ -5,6 +5,7 @@ is refused by another method and by other backbones, naming both.
 """
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 import re
@@ -19,6 +20,11 @@ FORMAT = "fsad-method/1"
 LEGACY_FDSL = "fdsl-heads/1"  # written before methods had one interface; read as fdsl
 # signature keys that change the features a head sees
 FEATURE_KEYS = ("kind", "model", "layers", "layer_dims", "patch_size", "smooth", "project_tokens")
+
+
+def json_copy(obj):
+    """A deep copy of plain JSON data (parameter values)."""
+    return json.loads(json.dumps(obj))
 
 
 def to_cpu(obj):
@@ -146,13 +152,39 @@ def _check_weights_and_size(role: str, old: dict, sig: dict, path) -> None:
             "scale", path, old["image_size"], role, sig.get("image_size"))
 
 
+def test_time_params(method: str, params: dict | None, path: str | Path = "checkpoint") -> dict:
+    """`params` checked against the test-time parameters of a trained `method` (Method.test_params)."""
+    from methods import METHODS
+
+    allowed = METHODS[method].test_params if method in METHODS else ()
+    refused = sorted(k for k in (params or {}) if k not in allowed)
+    if refused:
+        extra = (f"; on a {method} checkpoint only its test-time parameters ({', '.join(allowed)})"
+                 if allowed else "")
+        raise ValueError(f"{path}: method parameters ({', '.join(refused)}) can be set for training-free methods "
+                         f"only{extra}; a checkpoint's other parameters are fixed by its training")
+    return dict(params or {})
+
+
 def load_method(path: str | Path, device="cpu", method: str | None = None, backbone: str | None = None,
-                pretrained: str | None = None, image_size: int | None = None) -> tuple[Method, dict]:
+                pretrained: str | None = None, image_size: int | None = None,
+                params: dict | None = None) -> tuple[Method, dict]:
     """A trained method from its checkpoint, in eval mode; backbone configs, weights and input size
-    may be overridden (`backbone`/`pretrained`: NAME or role=NAME,...), and are checked."""
+    may be overridden (`backbone`/`pretrained`: NAME or role=NAME,...), and are checked. `params`:
+    the method's test-time parameters (Method.test_params, e.g. fdsl's bn_stats); those not given
+    take the method config's defaults, so the returned method_config names every one of them."""
+    from methods import METHODS, load_method_config
+
     ckpt = read_checkpoint(path)
     check_method(ckpt, method, path)
+    params = test_time_params(ckpt["method"], params, path)
     config = ckpt["method_config"]
+    test_keys = METHODS[ckpt["method"]].test_params
+    if test_keys:
+        defaults = load_method_config(ckpt["method"])
+        for key in test_keys:
+            config.setdefault(key, defaults.get(key))
+    config.update(json_copy(params))
     roles = list(config["backbones"])
     for role, name in split_roles(backbone, roles, "backbone").items():
         config["backbones"][role]["config"] = name
@@ -175,12 +207,19 @@ def build_method(checkpoint: str | Path | None, method: str | None = None, backb
     against `method`/`backbone`, see load_method), or without a checkpoint a training-free `method`
     built from its config. The dict: the checkpoint, or for a training-free method {method,
     method_config, backbones (signatures), epoch None, train_config {}}. `params`: overrides of a
-    training-free method's parameters (a checkpoint's are fixed by its training)."""
+    training-free method's parameters, or a checkpoint's test-time parameters (Method.test_params: fdsl's
+    bn_stats, fd_merge); a checkpoint's other parameters are fixed by its training."""
     if checkpoint:
-        if params:
-            raise ValueError(f"{checkpoint}: method parameters ({', '.join(sorted(params))}) can be set for "
-                             f"training-free methods only; a checkpoint's are fixed by its training")
-        return load_method(checkpoint, device, method, backbone, pretrained, image_size)
+        if params:  # before reading the file: a parameter no method takes at test time is refused anyway
+            from methods import METHODS
+
+            any_method = sorted({k for cls in METHODS.values() for k in cls.test_params})
+            refused = sorted(k for k in params if k not in any_method)
+            if refused:
+                raise ValueError(f"{checkpoint}: method parameters ({', '.join(refused)}) can be set for training-free "
+                                 f"methods only, and on a checkpoint only test-time parameters "
+                                 f"({', '.join(any_method)}); a checkpoint's others are fixed by its training")
+        return load_method(checkpoint, device, method, backbone, pretrained, image_size, params)
     from utils.config import MethodConfig
 
     method_cfg = resolve_method_config(MethodConfig(name=method, backbone=backbone, pretrained=pretrained,

@@ -6,6 +6,7 @@ nothing about images, datasets or training loops.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -112,3 +113,102 @@ class FDSL(nn.Module):
     def forward(self, query_tokens, aligned_tokens, grid) -> FDSLOutput:
         layer_probs = self.score_layers(query_tokens, aligned_tokens, grid)
         return FDSLOutput(layer_probs, self.aggregate(layer_probs) if self.use_nam else None)
+
+
+# --------------------------------------------------------------------------------------------- #
+# Our options for moving trained heads to another feature distribution (not in the paper or the
+# authors' code; methods/fdsl.py: bn_stats, fd_merge). The defaults leave FDSL as the authors ran it.
+# --------------------------------------------------------------------------------------------- #
+def batchnorms(module: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
+    return {name: m for name, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+
+
+@torch.no_grad()
+def reference_bn_stats(model: FDSL, query_tokens: Sequence[torch.Tensor],
+                       aligned_tokens: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """BatchNorm running statistics of every ASL head recomputed on the residuals of another set
+    (a test category's references, each patch aligned to its nearest other reference).
+
+    One forward of all the residuals per head in training mode with momentum None: each BN's running
+    mean and variance become exactly those of this set, and every later BN sees the earlier ones
+    normalised with them. The model's own statistics, momenta and modes are restored; the new ones
+    are returned as {buffer name: tensor} for `bn_stats_swapped`.
+    """
+    bns = batchnorms(model)
+    saved = {n: (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m.momentum)
+             for n, m in bns.items()}
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        for m in bns.values():
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average: after one batch, that batch's statistics
+        model.train()
+        for head, q, a in zip(model.heads, query_tokens, aligned_tokens):
+            head(feature_discrepancy(q, a))
+        return {f"{n}.{b}": getattr(m, b).clone() for n, m in bns.items()
+                for b in ("running_mean", "running_var")}
+    finally:
+        for n, m in bns.items():
+            mean, var, count, momentum = saved[n]
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            m.num_batches_tracked.copy_(count)
+            m.momentum = momentum
+        for m, training in modes:
+            m.training = training
+
+
+@contextlib.contextmanager
+def bn_stats_swapped(model: nn.Module, stats: dict[str, torch.Tensor] | None):
+    """Inside the block the BatchNorms use `stats` (reference_bn_stats); the trained ones afterwards.
+    None: nothing changes."""
+    if stats is None:
+        yield model
+        return
+    buffers = dict(model.named_buffers())
+    missing = [n for n in stats if n not in buffers]
+    if missing:
+        raise ValueError(f"BatchNorm statistics for buffers the heads do not have: {missing[:3]}")
+    saved = {n: buffers[n].clone() for n in stats}
+    try:
+        for n, t in stats.items():
+            buffers[n].copy_(t)
+        yield model
+    finally:
+        for n, t in saved.items():
+            buffers[n].copy_(t)
+
+
+def map_range(maps: torch.Tensor) -> torch.Tensor:
+    """(L, B, h, w) maps -> (L, 2) per-layer (low, high): the minimum and maximum over all patches."""
+    flat = maps.flatten(1)
+    return torch.stack([flat.amin(dim=1), flat.amax(dim=1)], dim=1)
+
+
+def normalise_to(maps: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(L, B, h, w) maps on a per-layer (low, high) scale (L, 2): low -> 0, high -> 1 (not clipped,
+    so patches beyond the references' range keep their order)."""
+    lo, hi = scale[:, 0].view(-1, 1, 1, 1), scale[:, 1].view(-1, 1, 1, 1)
+    return (maps - lo) / (hi - lo).clamp_min(1e-6)
+
+
+def merge_maps(learned: torch.Tensor, distance: torch.Tensor, learned_scale: torch.Tensor,
+               distance_scale: torch.Tensor, weight: float) -> torch.Tensor:
+    """The paper's merge of the FD and ASL outputs, per layer:
+    (1 - weight) * learned + weight * distance, each map first normalised on its references' range.
+
+    learned, distance: (L, B, h, w); scales: (L, 2) per-layer (low, high) of the same map computed on
+    the category's references (leave-one-out). Both maps then read "1 = the most anomalous-looking
+    normal reference patch", so the weight means the same for every layer and category."""
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"fd_merge weight must be in [0, 1], got {weight}")
+    if learned.shape != distance.shape:
+        raise ValueError(f"merge_maps: learned {tuple(learned.shape)} and distance {tuple(distance.shape)} differ")
+    return (1.0 - weight) * normalise_to(learned, learned_scale) + weight * normalise_to(distance, distance_scale)
+
+
+def distance_maps(query_tokens: Sequence[torch.Tensor], aligned_tokens: Sequence[torch.Tensor],
+                  grid: tuple[int, int]) -> torch.Tensor:
+    """The raw FD distance each layer's head receives, as a map: 1 - cosine of a patch to its aligned
+    reference (tokens are unit length), (L, B, rows, cols)."""
+    return torch.stack([(1 - (q * a).sum(-1)).reshape(-1, *grid) for q, a in zip(query_tokens, aligned_tokens)])

@@ -139,3 +139,36 @@ def cluster_bank(tokens: torch.Tensor, size: int, seed: int = 0) -> torch.Tensor
         chosen[i] = nxt
         dist = torch.minimum(dist, 1 - x @ x[nxt])
     return x[chosen]
+
+
+def leave_out_alignment(tokens: torch.Tensor, grid: tuple[int, int], radius: int = 1) -> torch.Tensor:
+    """Each reference patch aligned to its nearest *other* reference patch, as a normal test patch
+    is aligned to a reference it is not part of (its own patch would give a zero residual).
+
+    tokens (k, N, C) of one layer, N = rows * cols row-major. With k >= 2 a patch may not match any
+    patch of its own image (leave one image out); with k = 1 it may not match a patch of its own image
+    within `radius` rows and columns (its own position and its neighbours, which overlap it in the
+    receptive field). Returns the aligned tokens (k, N, C). One (kN, kN) similarity per call.
+    """
+    k, N, C = tokens.shape
+    rows, cols = grid
+    if N != rows * cols:
+        raise ValueError(f"leave_out_alignment: {N} patches do not fill a {rows}x{cols} grid")
+    if radius < 0:
+        raise ValueError(f"leave_out_alignment: radius must be >= 0, got {radius}")
+    flat = tokens.reshape(k * N, C)
+    sim = flat @ flat.T
+    image = torch.arange(k, device=tokens.device).repeat_interleave(N)
+    same_image = image[:, None] == image[None, :]
+    if k >= 2:
+        banned = same_image
+    else:
+        r = torch.arange(N, device=tokens.device) // cols
+        c = torch.arange(N, device=tokens.device) % cols
+        near = ((r[:, None] - r[None, :]).abs() <= radius) & ((c[:, None] - c[None, :]).abs() <= radius)
+        if bool(near.all()):
+            raise ValueError(f"leave_out_alignment: a {rows}x{cols} grid has no patch farther than {radius} "
+                             f"from another; use a smaller radius or more references")
+        banned = same_image & near.repeat(k, k)
+    sim = sim.masked_fill(banned, float("-inf"))
+    return flat[sim.argmax(dim=-1)].reshape(k, N, C)

@@ -180,8 +180,14 @@ def validate_test(cfg: TestConfig) -> None:
     if not isinstance(cfg.params, dict):
         raise ValueError(f"params must be an object of method parameters, got {cfg.params!r}")
     if cfg.params and cfg.checkpoint:
-        raise ValueError(f"--param {', '.join(sorted(cfg.params))}: parameters can be set for training-free methods "
-                         f"only; a checkpoint's method parameters are fixed by its training (train.py --param)")
+        from methods import METHODS  # imported here: utils.config stays free of the model packages
+
+        test_time = sorted({k for cls in METHODS.values() for k in cls.test_params})
+        refused = sorted(k for k in cfg.params if k not in test_time)
+        if refused:
+            raise ValueError(f"--param {', '.join(refused)}: parameters can be set for training-free methods only, and "
+                             f"on a checkpoint only test-time parameters ({', '.join(test_time)}); a checkpoint's "
+                             f"other method parameters are fixed by its training (train.py --param)")
 
 
 def resolve_device(device: str | int) -> torch.device:
