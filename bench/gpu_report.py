@@ -74,22 +74,15 @@ def evaluate_targets(parts: dict[str, dict]) -> list[dict]:
         if part is None:
             continue
         why = _part_why(part)
-        whole = _pipeline_rows(part, "bf16", "nan")
-        t = TARGETS["whole_ips"]
-        if whole:
-            worst = min(whole, key=lambda r: r["loop_images_per_s"])
-            out.append(_row(t, f"{method} whole image", "test loop img/s, worst of k", worst["loop_images_per_s"],
-                            f"k={worst['k']}"))
-        else:
-            out.append(_missing(t, f"{method} whole image", "test loop img/s", why))
+        for mode, target, what in (("nan", "whole_ips", "whole image"), ("mul", "lfe_ips", "LFE mul")):
+            rows, t = _pipeline_rows(part, "bf16", mode), TARGETS[target]
+            if rows:
+                worst = min(rows, key=lambda r: r["loop_images_per_s"])
+                out.append(_row(t, f"{method} {what}", "test loop img/s, worst of k", worst["loop_images_per_s"],
+                                f"k={worst['k']}"))
+            else:
+                out.append(_missing(t, f"{method} {what}", "test loop img/s", why))
         lfe = _pipeline_rows(part, "bf16", "mul")
-        t = TARGETS["lfe_ips"]
-        if lfe:
-            worst = min(lfe, key=lambda r: r["loop_images_per_s"])
-            out.append(_row(t, f"{method} LFE mul", "test loop img/s, worst of k", worst["loop_images_per_s"],
-                            f"k={worst['k']}"))
-        else:
-            out.append(_missing(t, f"{method} LFE mul", "test loop img/s", why))
         t = TARGETS["lfe_floor"]
         floored = [r for r in lfe if _finite(r.get("x_floor"))]
         if floored:

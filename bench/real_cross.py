@@ -313,13 +313,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", default=None, help="training-free methods (default: all registered)")
     p.add_argument("--backbone", default="efficientnet_lite0", help="backbone of every row (default: %(default)s)")
     p.add_argument("--pretrained", default=None, help="its weights (default: the backbone config's)")
-    p.add_argument("--eval-size", type=int, default=240, help="metric resolution (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", default="fp32", choices=("auto", "fp32", "bf16", "fp16"))
-    p.add_argument("--results-root", type=Path, default=None, help="keep the runs here (default: a temporary "
-                   "folder, deleted at the end)")
-    p.add_argument("--out", type=Path, default=None, help="also write the report (markdown) to this file")
+    _real_photos().add_run_options(p)
     a = p.parse_args(argv)
     try:
         a.fd_merge = parse_fd_merge(a.fd_merge)

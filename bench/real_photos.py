@@ -232,6 +232,17 @@ def table(results: dict, rows: list[Row], categories: list[str], ks: list[int]) 
     return tabulate(out, headers=head, tablefmt="github", disable_numparse=True)
 
 
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """Where and how the runs go: shared with bench/real_cross.py."""
+    p.add_argument("--eval-size", type=int, default=240, help="metric resolution (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="fp32", choices=("auto", "fp32", "bf16", "fp16"))
+    p.add_argument("--results-root", type=Path, default=None, help="keep the runs here (default: a temporary "
+                   "folder, deleted at the end)")
+    p.add_argument("--out", type=Path, default=None, help="also write the table (markdown) to this file")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data_root", type=Path, help="MVTec-layout folder (every category in it is run)")
@@ -250,16 +261,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backbone", default="efficientnet_lite0", help="backbone of the training-free rows "
                    "(default: %(default)s)")
     p.add_argument("--pretrained", default=None, help="its weights (default: the backbone config's)")
-    p.add_argument("--eval-size", type=int, default=240, help="metric resolution (default: %(default)s)")
     p.add_argument("--image-index", default="windows", choices=("off", "windows", "all"), help="test.py's "
                    "--image-index: 'all' matches each test image against its most similar reference only (with "
                    "rotations: the most similar rotated copy) (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", default="fp32", choices=("auto", "fp32", "bf16", "fp16"))
-    p.add_argument("--results-root", type=Path, default=None, help="keep the runs here (default: a temporary "
-                   "folder, deleted at the end)")
-    p.add_argument("--out", type=Path, default=None, help="also write the table (markdown) to this file")
+    add_run_options(p)
     a = p.parse_args(argv)
     if a.report_only and a.results_root is None:
         p.error("--report-only reads a kept --results-root")
