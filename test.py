@@ -29,7 +29,7 @@ from data.dataset import (AnomalyDataset, categories, check_test_split, load_ima
 from data.images import header_size
 from methods import list_methods, resolve_method_config
 from methods.base import InferenceOptions, Method
-from methods.checkpoint import build_method, read_checkpoint
+from methods.checkpoint import build_method, check_checkpoint_params, read_checkpoint
 from models.backbones import PRECISIONS
 from utils import distributed, report
 from utils.calibration import Calibration, estimate, rates, score_images
@@ -263,6 +263,8 @@ def model_name(cfg: TestConfig) -> str:
 def results_dir(cfg: TestConfig) -> Path:
     """The run's results folder, after checking the settings that name it (seed, k, ...)."""
     validate_test(cfg)
+    if cfg.checkpoint:
+        check_checkpoint_params(cfg.checkpoint, cfg.params)
     return report.run_dir(cfg.results_root, model_name(cfg), cfg.dataset, cfg.k_shot, cfg.seed)
 
 

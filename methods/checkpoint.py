@@ -166,6 +166,21 @@ def test_time_params(method: str, params: dict | None, path: str | Path = "check
     return dict(params or {})
 
 
+def check_checkpoint_params(checkpoint: str | Path, params: dict | None) -> None:
+    """Before the file is read (test.py: before any folder is written): a parameter that no method
+    takes at test time cannot be set on any checkpoint."""
+    if not params:
+        return
+    from methods import METHODS
+
+    any_method = sorted({k for cls in METHODS.values() for k in cls.test_params})
+    refused = sorted(k for k in params if k not in any_method)
+    if refused:
+        raise ValueError(f"{checkpoint}: method parameters ({', '.join(refused)}) can be set for training-free "
+                         f"methods only, and on a checkpoint only test-time parameters "
+                         f"({', '.join(any_method)}); a checkpoint's others are fixed by its training")
+
+
 def load_method(path: str | Path, device="cpu", method: str | None = None, backbone: str | None = None,
                 pretrained: str | None = None, image_size: int | None = None,
                 params: dict | None = None) -> tuple[Method, dict]:
@@ -210,15 +225,7 @@ def build_method(checkpoint: str | Path | None, method: str | None = None, backb
     training-free method's parameters, or a checkpoint's test-time parameters (Method.test_params: fdsl's
     bn_stats, fd_merge); a checkpoint's other parameters are fixed by its training."""
     if checkpoint:
-        if params:  # before reading the file: a parameter no method takes at test time is refused anyway
-            from methods import METHODS
-
-            any_method = sorted({k for cls in METHODS.values() for k in cls.test_params})
-            refused = sorted(k for k in params if k not in any_method)
-            if refused:
-                raise ValueError(f"{checkpoint}: method parameters ({', '.join(refused)}) can be set for training-free "
-                                 f"methods only, and on a checkpoint only test-time parameters "
-                                 f"({', '.join(any_method)}); a checkpoint's others are fixed by its training")
+        check_checkpoint_params(checkpoint, params)
         return load_method(checkpoint, device, method, backbone, pretrained, image_size, params)
     from utils.config import MethodConfig
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from conftest import load_test_script
-from utils.config import TestConfig, validate_test
+from utils.config import TestConfig
 
 
 def run(datasets, tmp_path, method, params=None, name=None):
@@ -48,8 +48,8 @@ def test_param_parsing_and_checkpoints_refuse_parameters():
     cfg, _ = load_test_script().parse_args(["--data-root", "d", "--method", "knn", "--param", "top_percent=1",
                                             "--param", "rotations=[0,90]", "--param", "masking=on"])
     assert cfg.params == {"top_percent": 1, "rotations": [0, 90], "masking": "on"}
-    with pytest.raises(ValueError, match="training-free methods only"):
-        validate_test(TestConfig(data_root="d", checkpoint="epoch_5.pth", params={"use_nam": False}))
+    with pytest.raises(ValueError, match="training-free methods only"):  # test.py, before any folder is written
+        load_test_script().results_dir(TestConfig(data_root="d", checkpoint="epoch_5.pth", params={"use_nam": False}))
 
 
 def test_predict_masks_by_the_category_it_is_told(datasets, tmp_path, monkeypatch):

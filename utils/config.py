@@ -179,15 +179,6 @@ def validate_test(cfg: TestConfig) -> None:
         raise ValueError("precision fp16 is for CUDA GPUs without bf16; on CPU use bf16 or fp32")
     if not isinstance(cfg.params, dict):
         raise ValueError(f"params must be an object of method parameters, got {cfg.params!r}")
-    if cfg.params and cfg.checkpoint:
-        from methods import METHODS  # imported here: utils.config stays free of the model packages
-
-        test_time = sorted({k for cls in METHODS.values() for k in cls.test_params})
-        refused = sorted(k for k in cfg.params if k not in test_time)
-        if refused:
-            raise ValueError(f"--param {', '.join(refused)}: parameters can be set for training-free methods only, and "
-                             f"on a checkpoint only test-time parameters ({', '.join(test_time)}); a checkpoint's "
-                             f"other method parameters are fixed by its training (train.py --param)")
 
 
 def resolve_device(device: str | int) -> torch.device:

@@ -10,7 +10,7 @@ from methods import create_method, resolve_method_config
 from models.fdsl import (FDSL, batchnorms, bn_stats_swapped, distance_maps, map_range, merge_maps,
                          normalise_to, reference_bn_stats)
 from models.memory import leave_out_alignment
-from utils.config import MethodConfig, TestConfig, validate_test
+from utils.config import MethodConfig, TestConfig
 
 
 def unit(x):
@@ -173,9 +173,12 @@ def test_options_are_checked_and_named():
     with pytest.raises(ValueError, match="fd_merge .* whole images only"):
         fdsl({"fd_merge": 0.5}).configure(InferenceOptions(winmode="mul"))
     # test-time options may be set on a checkpoint; trained parameters may not
-    validate_test(TestConfig(data_root="d", checkpoint="epoch_1.pth", params={"bn_stats": "reference", "fd_merge": 0.5}))
+    from conftest import load_test_script
+
+    results_dir = load_test_script().results_dir  # test.py's checks before any folder is written
+    results_dir(TestConfig(data_root="d", checkpoint="epoch_1.pth", params={"bn_stats": "reference", "fd_merge": 0.5}))
     with pytest.raises(ValueError, match="training-free methods only"):
-        validate_test(TestConfig(data_root="d", checkpoint="epoch_1.pth", params={"use_nam": False}))
+        results_dir(TestConfig(data_root="d", checkpoint="epoch_1.pth", params={"use_nam": False}))
 
 
 def test_a_checkpoint_run_records_its_options_in_config_json(tmp_path):
