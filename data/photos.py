@@ -80,12 +80,33 @@ def _digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _same_bytes_index(paths: list[Path]) -> dict[tuple[int, str], Path]:
-    """(size, sha256) -> first path with those bytes."""
-    out: dict[tuple[int, str], Path] = {}
+def _finder(paths: list[Path]):
+    """A lookup: photo -> (the first of `paths` it is, or has the bytes of; "is" or "has the same bytes
+    as"), else None. Only files of a size one of `paths` has are hashed, each once."""
+    by_path = {p.resolve(): p for p in paths}
+    by_size: dict[int, list[Path]] = {}
     for p in paths:
-        out.setdefault((p.stat().st_size, _digest(p)), p)
-    return out
+        by_size.setdefault(p.stat().st_size, []).append(p)
+    digests: dict[Path, str] = {}
+
+    def digest(p: Path) -> str:
+        if p not in digests:
+            digests[p] = _digest(p)
+        return digests[p]
+
+    def find(photo: Path) -> tuple[Path, str] | None:
+        hit = by_path.get(photo.resolve())
+        if hit is not None:
+            return hit, "is"
+        same_size = by_size.get(photo.stat().st_size, [])
+        if same_size:
+            d = digest(photo)
+            hit = next((p for p in same_size if digest(p) == d), None)
+            if hit is not None:
+                return hit, "has the same bytes as"
+        return None
+
+    return find
 
 
 def distinct_references(refs: list[Path]) -> list[Path]:
@@ -105,18 +126,14 @@ def distinct_references(refs: list[Path]) -> list[Path]:
 def split_off_references(queries: list[Path], refs: list[Path]) -> tuple[list[Path], list[dict]]:
     """(the queries to score, the skipped ones with their reason): a query that is a reference file, or
     has a reference's bytes, is not scored. Only files of a reference's size are hashed."""
-    by_path = {p.resolve(): p for p in refs}
-    sizes = {p.stat().st_size for p in refs}
-    index = _same_bytes_index(refs)
+    find = _finder(refs)
     kept, skipped = [], []
     for q in queries:
-        ref = by_path.get(q.resolve())
-        if ref is None and q.stat().st_size in sizes:
-            ref = index.get((q.stat().st_size, _digest(q)))
-        if ref is None:
+        found = find(q)
+        if found is None:
             kept.append(q)
         else:
-            same = "is" if q.resolve() == ref.resolve() else "has the same bytes as"
+            ref, same = found
             skipped.append({"image": str(q), "reason": f"it {same} the reference {ref}: matched against itself its "
                                                        f"score would be about 0, not a measurement"})
     if not kept:
@@ -130,14 +147,10 @@ def check_calibration_photos(photos: list[Path], refs: list[Path], queries: list
     naming both: calibration photos must be other normal photos."""
     for others, role, why in ((refs, "the reference", "scored against itself it would set the threshold near 0"),
                               (queries, "the query", "a photo cannot set the threshold it is judged by")):
-        by_path = {p.resolve(): p for p in others}
-        sizes = {p.stat().st_size for p in others}
-        index = _same_bytes_index([p for p in others if p.stat().st_size in {c.stat().st_size for c in photos}])
+        find = _finder(others)
         for c in photos:
-            hit = by_path.get(c.resolve())
-            same = "is"
-            if hit is None and c.stat().st_size in sizes:
-                hit, same = index.get((c.stat().st_size, _digest(c))), "has the same bytes as"
-            if hit is not None:
+            found = find(c)
+            if found is not None:
+                hit, same = found
                 raise ValueError(f"--calibrate photo {c} {same} {role} {hit}: {why}; calibrate on other normal "
                                  f"photos than the references and the queries")
