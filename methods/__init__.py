@@ -109,10 +109,6 @@ def create_method(config: dict, device: str | torch.device = "cpu") -> Method:
     return cls.build(config, backbones)
 
 
-__all__ = ["METHODS", "InferenceOptions", "Method", "create_method", "list_methods", "load_method_config",
-           "register", "resolve_method_config", "split_roles", "training_references"]
-
-
 DEFAULT_TRAIN_K_SHOT, DEFAULT_AUGMENT = 10, "mosaic"  # FDSL's authors' effective values
 
 
@@ -123,3 +119,7 @@ def training_references(method_cfg: dict, dataset_augment: str = DEFAULT_AUGMENT
     training = method_cfg.get("training", {})
     augment = training.get("augment", "authors")
     return int(training.get("train_k_shot", DEFAULT_TRAIN_K_SHOT)), dataset_augment if augment == "authors" else augment
+
+
+__all__ = ["METHODS", "InferenceOptions", "Method", "create_method", "list_methods", "load_method_config",
+           "register", "resolve_method_config", "split_roles", "training_references"]

@@ -27,8 +27,8 @@ import torch
 from methods.base import InferenceOptions
 from methods.patch import PatchMatchingMethod, PatchState
 from models.backbones import Backbone, BackboneOutput
-from models.fdsl import (FDSL, bn_stats_swapped, distance_maps, map_range, merge_maps, reference_bn_stats)
-from models.memory import align_to_banks, leave_out_alignment
+from models.fdsl import FDSL, bn_stats_swapped, map_range, merge_maps, reference_bn_stats
+from models.memory import align_to_banks, distance_maps, leave_out_alignment
 from models.scoring import final_image_scores, upsample_probs
 from utils.losses import segmentation_loss
 

@@ -28,6 +28,7 @@ from methods.patch import PatchMatchingMethod, PatchState
 from models.augment import rotate_images
 from models.backbones import BackboneOutput
 from models.foreground import foreground_mask
+from models.memory import distance_maps
 from models.scoring import maps_and_scores
 
 MASKING = ("off", "on", "categories")
@@ -88,7 +89,7 @@ class KNNMethod(PatchMatchingMethod):
     # -- scoring ----------------------------------------------------------------------------------
     def window_layer_maps(self, tokens: Sequence[torch.Tensor], aligned: Sequence[torch.Tensor],
                           grid: tuple[int, int]) -> torch.Tensor:
-        return torch.stack([(1 - (q * a).sum(-1)).reshape(-1, *grid) for q, a in zip(tokens, aligned)])
+        return distance_maps(tokens, aligned, grid)
 
     def needs_mask(self, state: PatchState) -> bool:
         return bool(getattr(state, "masked", False))

@@ -205,10 +205,3 @@ def merge_maps(learned: torch.Tensor, distance: torch.Tensor, learned_scale: tor
     if learned.shape != distance.shape:
         raise ValueError(f"merge_maps: learned {tuple(learned.shape)} and distance {tuple(distance.shape)} differ")
     return (1.0 - weight) * normalise_to(learned, learned_scale) + weight * normalise_to(distance, distance_scale)
-
-
-def distance_maps(query_tokens: Sequence[torch.Tensor], aligned_tokens: Sequence[torch.Tensor],
-                  grid: tuple[int, int]) -> torch.Tensor:
-    """The raw FD distance each layer's head receives, as a map: 1 - cosine of a patch to its aligned
-    reference (tokens are unit length), (L, B, rows, cols)."""
-    return torch.stack([(1 - (q * a).sum(-1)).reshape(-1, *grid) for q, a in zip(query_tokens, aligned_tokens)])

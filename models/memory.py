@@ -70,6 +70,13 @@ def nearest_neighbours(query: torch.Tensor, memory: torch.Tensor, chunk: int = 8
     return torch.cat(aligned), torch.cat(index)
 
 
+def distance_maps(query_tokens: Sequence[torch.Tensor], aligned_tokens: Sequence[torch.Tensor],
+                  grid: tuple[int, int]) -> torch.Tensor:
+    """Per layer, 1 - cosine of each patch to its aligned reference patch (tokens are unit length), as
+    maps (L, B, rows, cols): knn's anomaly map, and the raw FD distance FDSL's heads receive."""
+    return torch.stack([(1 - (q * a).sum(-1)).reshape(-1, *grid) for q, a in zip(query_tokens, aligned_tokens)])
+
+
 def most_similar_reference(query_global: torch.Tensor, bank_global: torch.Tensor) -> torch.Tensor:
     """Image-feature index: for each query (B, D), the reference (k, D) with the highest cosine."""
     return torch.matmul(query_global, bank_global.T).argmax(dim=-1)

@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from methods import create_method, resolve_method_config
-from models.fdsl import (FDSL, batchnorms, bn_stats_swapped, distance_maps, map_range, merge_maps,
-                         normalise_to, reference_bn_stats)
-from models.memory import leave_out_alignment
+from models.fdsl import FDSL, batchnorms, bn_stats_swapped, map_range, merge_maps, normalise_to, reference_bn_stats
+from models.memory import distance_maps, leave_out_alignment
 from utils.config import MethodConfig, TestConfig
 
 
